@@ -1,0 +1,31 @@
+# The two commands of the README: `make demo` and `make test`. Each builds .venv from nothing.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first and pinned: a CPU build from local disk. Unpinned, it pulls a multi-GB CUDA build.
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) manifests/make_sample.py manifests/sample
+	$(VENV)/bin/daskmv run manifests/sample/manifest.csv --pipeline manifests/demo_pipeline.yaml \
+		--out demo-out --workers 2 --overwrite
+	$(VENV)/bin/daskmv status demo-out
+
+# pytest exits 5 when it collects nothing; any non-zero status fails the target.
+test: $(STAMP)
+	$(PY) -m pytest tests
+
+bench: $(STAMP)
+	$(PY) benchmarks/engine.py
+
+clean:
+	rm -rf $(VENV) demo-out manifests/sample benchmarks/work

@@ -1,0 +1,109 @@
+"""Where a run executes. The only module that knows one GPU from eight or from a remote scheduler.
+
+- ``local``: a ``dask_cuda.LocalCUDACluster`` with one worker per GPU (each declaring the resource
+  ``GPU=1``) when CUDA GPUs are present, else a ``distributed.LocalCluster`` of worker processes;
+- ``tcp://host:port`` (or any scheduler address): join a running scheduler;
+- a ``Client`` passed in by the caller (Jupyter): used as it is, never closed by daskmv.
+
+:func:`connect` hands back a plain ``distributed.Client``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from distributed import Client, LocalCluster
+
+from daskmv.errors import RunError, UsageError
+
+log = logging.getLogger("daskmv")
+
+SCHEDULER_SCHEMES = ("tcp://", "tls://", "ucx://", "inproc://", "ws://", "wss://")
+
+
+def gpu_count() -> int:
+    """CUDA GPUs visible to this process (0 without an NVIDIA driver; never raises)."""
+    if os.environ.get("DASKMV_GPUS") is not None:
+        return int(os.environ["DASKMV_GPUS"])
+    if not (os.path.exists("/proc/driver/nvidia") or os.path.exists("/dev/nvidia0")):
+        return 0
+    try:
+        import torch
+
+        return int(torch.cuda.device_count())
+    except Exception:  # a broken driver or CUDA build: treat as no GPU
+        return 0
+
+
+def _dashboard_address(preferred: int = 8787) -> str:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("", preferred))
+        except OSError:
+            return ":0"
+    return f":{preferred}"
+
+
+def local_cluster(workers: int | None = None, threads_per_worker: int = 1, **kwargs: Any) -> Any:
+    """LocalCUDACluster (one worker per GPU) when GPUs are present, else a LocalCluster of processes."""
+    kwargs.setdefault("dashboard_address", _dashboard_address())
+    kwargs.setdefault("silence_logs", logging.ERROR)
+    n_gpus = gpu_count()
+    if n_gpus:
+        try:
+            from dask_cuda import LocalCUDACluster
+        except ImportError as exc:
+            log.warning("found %d GPU(s) but cannot import dask_cuda (%s); pip install 'daskmv[gpu]'. "
+                        "Using a LocalCluster of CPU workers.", n_gpus, exc)
+        else:
+            return LocalCUDACluster(n_workers=workers or n_gpus, threads_per_worker=threads_per_worker,
+                                    resources={"GPU": 1}, **kwargs)
+    return LocalCluster(n_workers=workers or os.cpu_count() or 1, threads_per_worker=threads_per_worker,
+                        processes=True, **kwargs)
+
+
+@contextlib.contextmanager
+def connect(
+    cluster: str | Client | None = "local",
+    *,
+    workers: int | None = None,
+    threads_per_worker: int = 1,
+    note: Callable[[str], None] = log.info,
+    **cluster_kwargs: Any,
+) -> Iterator[Client]:
+    """A Client for ``cluster``; closes what it started on exit, never a caller's client."""
+    if isinstance(cluster, Client):
+        note(f"using the given client; dashboard: {cluster.dashboard_link}")
+        yield cluster
+        return
+    cluster = cluster or "local"
+    if cluster == "local":
+        with local_cluster(workers, threads_per_worker, **cluster_kwargs) as lc, Client(lc) as client:
+            note(f"started {type(lc).__name__} with {len(lc.workers)} worker(s); dashboard: {client.dashboard_link}")
+            yield client
+        return
+    if cluster.startswith(SCHEDULER_SCHEMES):
+        try:
+            client = Client(cluster, timeout="20s")
+        except (OSError, TimeoutError) as exc:
+            raise RunError(f"cannot reach the Dask scheduler at {cluster}: {exc}") from None
+        with client:
+            note(f"connected to {cluster}; dashboard: {client.dashboard_link}")
+            yield client
+        return
+    raise UsageError(f"unknown --cluster {cluster!r}: use 'local' or a scheduler address such as tcp://host:8786")
+
+
+def worker_summary(client: Client) -> dict[str, Any]:
+    """Worker count, threads and how many declare a GPU resource, from the scheduler."""
+    workers = client.scheduler_info(n_workers=-1)["workers"]
+    return {
+        "workers": len(workers),
+        "threads": sum(int(w.get("nthreads", 1)) for w in workers.values()),
+        "gpu_workers": sum(1 for w in workers.values() if w.get("resources", {}).get("GPU", 0) >= 1),
+    }

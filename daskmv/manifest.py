@@ -1,0 +1,294 @@
+"""Read, validate and partition manifests.
+
+A manifest is a CSV or Parquet table (a local path or any fsspec URL), one row per item. It is read
+lazily as a Dask dataframe. Before any work starts, :meth:`Manifest.check` makes one pass over the
+columns that identify rows and refuses, with one clear line, an empty table, a missing required column,
+null or duplicate ids, or file paths with an unknown URL scheme. Problems that belong to single rows
+(a missing or corrupt file) are not checked here: they become row errors during the run.
+
+Every row gets a stable string ``id``: the ``--id-column`` values, else an ``id`` column already in
+the table, else one derived from the path (its stem plus a hash of the whole path, see
+:func:`derive_id`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import posixpath
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import dask.dataframe as dd
+import fsspec
+import numpy as np
+import pandas as pd
+from fsspec.core import split_protocol
+
+from daskmv.errors import ManifestError
+
+ID_COLUMN = "id"
+CSV_BLOCKSIZE = "16MB"
+_STEM_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def derive_id(path: str) -> str:
+    """A readable, deterministic id for a file path: ``<stem>-<16 hex digits of sha1(path)>``.
+
+    The stem keeps ids readable in listings; the hash of the full path keeps ``a/0001.jpg`` and
+    ``b/0001.jpg`` apart. Duplicate paths give duplicate ids, which the pre-flight check refuses.
+    """
+    stem = posixpath.splitext(posixpath.basename(path.rstrip("/")))[0]
+    stem = _STEM_UNSAFE.sub("_", stem)[:48] or "row"
+    return f"{stem}-{hashlib.sha1(path.encode('utf-8')).hexdigest()[:16]}"
+
+
+def check_scheme(url: str) -> str | None:
+    """Return the URL's protocol (None for a plain path); unknown protocols are a ManifestError."""
+    protocol, _ = split_protocol(url)
+    if protocol is None or protocol in ("file", "local"):
+        return protocol
+    if protocol not in fsspec.available_protocols():
+        raise ManifestError(f"unknown URL scheme '{protocol}://' in {url!r}")
+    return protocol
+
+
+def filesystem_for(url: str, storage_options: dict[str, Any] | None = None) -> fsspec.AbstractFileSystem:
+    """The fsspec filesystem for a URL, with a clear error when its package is not installed."""
+    protocol = check_scheme(url) or "file"
+    try:
+        return fsspec.filesystem(protocol, **(storage_options or {}))
+    except ImportError as exc:
+        raise ManifestError(f"{protocol}:// URLs need an extra package: {exc}") from None
+
+
+def resolve_path(path: str, base: str) -> str:
+    """Resolve a manifest's file path: URLs and absolute paths as they are, others against ``base``."""
+    protocol, _ = split_protocol(path)
+    if protocol is not None or path.startswith("/") or not base:
+        return path
+    return posixpath.join(base, path)
+
+
+def _format_of(url: str) -> str:
+    name = url.rstrip("/").lower()
+    if name.endswith((".csv", ".csv.gz", ".csv.bz2", ".csv.zst", ".tsv")):
+        return "csv"
+    if name.endswith((".parquet", ".pq", ".parq")):
+        return "parquet"
+    return ""
+
+
+@dataclass
+class Manifest:
+    """A manifest opened lazily: the Dask dataframe plus what is needed to give rows ids and paths.
+
+    ``n_rows`` and ``partition_rows_count`` are known after :meth:`check`.
+    """
+
+    url: str
+    format: str
+    ddf: dd.DataFrame
+    path_column: str
+    id_column: str | None
+    base: str
+    limit: int | None = None
+    storage_options: dict[str, Any] = field(default_factory=dict)
+    n_rows: int | None = None
+    source_lengths: list[int] | None = None
+
+    @property
+    def columns(self) -> list[str]:
+        return [str(c) for c in self.ddf.columns]
+
+    @property
+    def key_column(self) -> str:
+        """The column whose values must be unique: the id column, or the path ids derive from."""
+        return self.id_column or self.path_column
+
+    def require(self, columns: Sequence[str]) -> None:
+        """Refuse the manifest if any of ``columns`` is missing."""
+        missing = [c for c in columns if c not in self.columns]
+        if missing:
+            raise ManifestError(
+                f"manifest {self.url} has no column {', '.join(repr(c) for c in missing)} "
+                f"(columns: {', '.join(self.columns)})"
+            )
+
+    def _source_partitions(self, columns: Sequence[str] | None = None) -> Iterator[pd.DataFrame]:
+        """Yield the source partitions in order, read in this process, truncated to ``limit``."""
+        ddf = self.ddf[list(columns)] if columns is not None else self.ddf
+        remaining = self.limit
+        for part in ddf.to_delayed():
+            if remaining is not None and remaining <= 0:
+                return
+            try:
+                df = part.compute(scheduler="sync")
+            except Exception as exc:  # corrupt or unreadable manifest data
+                raise ManifestError(f"cannot read manifest {self.url}: {type(exc).__name__}: {exc}") from None
+            if remaining is not None:
+                df = df.iloc[:remaining]
+                remaining -= len(df)
+            yield df.reset_index(drop=True)
+
+    def check(self) -> Manifest:
+        """The pre-flight pass: count rows, refuse empty manifests, null/duplicate ids, bad schemes."""
+        key = self.key_column
+        self.require([key])
+        has_paths = self.path_column in self.columns
+        cols = list(dict.fromkeys([key, self.path_column])) if has_paths else [key]
+        lengths: list[int] = []
+        hashes: list[np.ndarray] = []
+        schemes: set[str] = set()
+        for df in self._source_partitions(cols):
+            lengths.append(len(df))
+            if len(df) == 0:
+                continue
+            keys = df[key]
+            if keys.isna().any():
+                row = int(np.flatnonzero(keys.isna().to_numpy())[0]) + sum(lengths[:-1])
+                raise ManifestError(f"manifest {self.url}: column {key!r} is empty in row {row}")
+            hashes.append(pd.util.hash_pandas_object(keys.astype(str), index=False).to_numpy())
+            if has_paths:
+                schemes |= _schemes_in(df[self.path_column])
+        self.source_lengths = lengths
+        self.n_rows = sum(lengths)
+        if self.n_rows == 0:
+            raise ManifestError(f"manifest {self.url} has no rows")
+        for scheme in sorted(schemes):
+            check_scheme(f"{scheme}://")
+        _refuse_duplicates(self, np.concatenate(hashes))
+        return self
+
+    def partitions(self, partition_rows: int) -> Iterator[pd.DataFrame]:
+        """Yield row chunks of at most ``partition_rows`` rows, each with a string ``id`` column.
+
+        Chunks never span two source partitions, so the split is the same on every run of the same
+        manifest and a resumed run finds its finished partitions again.
+        """
+        if partition_rows < 1:
+            raise ManifestError("partition_rows must be at least 1")
+        for df in self._source_partitions():
+            for start in range(0, len(df), partition_rows):
+                yield self.with_ids(df.iloc[start : start + partition_rows].reset_index(drop=True))
+
+    def with_ids(self, df: pd.DataFrame) -> pd.DataFrame:
+        """Put a string ``id`` column first: copied from the id column or derived from the path."""
+        if self.id_column is not None:
+            ids = df[self.id_column].astype(str)
+        else:
+            ids = pd.Series([derive_id(str(p)) for p in df[self.path_column]], index=df.index)
+        rest = df.drop(columns=[ID_COLUMN]) if ID_COLUMN in df.columns else df
+        out = rest.copy()
+        out.insert(0, ID_COLUMN, ids.astype(object).astype(str))
+        return out
+
+    def resolve(self, path: str) -> str:
+        """The URL of a row's file: relative paths resolve against the manifest's own folder."""
+        return resolve_path(path, self.base)
+
+
+def _schemes_in(paths: pd.Series) -> set[str]:
+    text = paths.dropna().astype(str)
+    found = text.str.extract(r"^([A-Za-z][A-Za-z0-9+.-]*)://", expand=False).dropna()
+    return set(found.unique()) - {"file", "local"}
+
+
+def _refuse_duplicates(manifest: Manifest, hashes: np.ndarray) -> None:
+    """Raise with the first duplicated key values, found from 64-bit hashes of the key column."""
+    ordered = np.sort(hashes)
+    dup_hashes = np.unique(ordered[1:][ordered[1:] == ordered[:-1]])
+    if dup_hashes.size == 0:
+        return
+    key = manifest.key_column
+    examples: list[str] = []
+    for df in manifest._source_partitions([key]):
+        h = pd.util.hash_pandas_object(df[key].astype(str), index=False).to_numpy()
+        examples += [str(v) for v in df[key][np.isin(h, dup_hashes)].unique()]
+        if len(examples) >= 3:
+            break
+    what = "ids" if manifest.id_column else "paths (ids derive from them)"
+    raise ManifestError(
+        f"manifest {manifest.url} has duplicate {what} in column {key!r}: "
+        f"{', '.join(repr(e) for e in examples[:3])} ({dup_hashes.size} duplicated value(s))"
+    )
+
+
+def read_manifest(
+    url: str,
+    *,
+    path_column: str = "path",
+    id_column: str | None = None,
+    limit: int | None = None,
+    storage_options: dict[str, Any] | None = None,
+    check: bool = True,
+) -> Manifest:
+    """Open a CSV or Parquet manifest lazily and (by default) run the pre-flight checks.
+
+    ``url`` is a local path or any fsspec URL (``s3://``, ``memory://``, ...). ``limit`` keeps only
+    the first rows. Raises :class:`~daskmv.errors.ManifestError` on anything that stops a run.
+    """
+    url = str(url)
+    if limit is not None and limit < 1:
+        raise ManifestError("--limit must be at least 1")
+    storage_options = dict(storage_options or {})
+    fs = filesystem_for(url, storage_options)
+    fmt = _format_of(url)
+    try:
+        exists = fs.exists(url)
+        is_dir = exists and fs.isdir(url)
+    except Exception as exc:
+        raise ManifestError(f"cannot reach manifest {url}: {type(exc).__name__}: {exc}") from None
+    if not exists:
+        raise ManifestError(f"manifest not found: {url}")
+    if is_dir and not fmt:
+        fmt = "parquet"
+    if not fmt:
+        raise ManifestError(f"manifest {url}: unknown format (expected .csv or .parquet)")
+    ddf = _read_ddf(url, fmt, storage_options)
+    if id_column is None and ID_COLUMN in ddf.columns:
+        id_column = ID_COLUMN
+    if id_column is None and path_column not in ddf.columns:
+        raise ManifestError(
+            f"manifest {url} has no column {path_column!r} to read files from or derive ids from "
+            f"(columns: {', '.join(map(str, ddf.columns))}); name it with --path-column or --id-column"
+        )
+    manifest = Manifest(
+        url=url,
+        format=fmt,
+        ddf=ddf,
+        path_column=path_column,
+        id_column=id_column,
+        base=_parent(url),
+        limit=limit,
+        storage_options=storage_options,
+    )
+    if id_column is not None:
+        manifest.require([id_column])
+    return manifest.check() if check else manifest
+
+
+def _parent(url: str) -> str:
+    protocol, path = split_protocol(url)
+    parent = posixpath.dirname(path.rstrip("/"))
+    if protocol in (None, "file", "local"):
+        return os.path.dirname(os.path.abspath(path))
+    return f"{protocol}://{parent}"
+
+
+def _read_ddf(url: str, fmt: str, storage_options: dict[str, Any]) -> dd.DataFrame:
+    try:
+        if fmt == "csv":
+            compressed = not url.lower().endswith((".csv", ".tsv"))
+            sep = "\t" if url.lower().endswith(".tsv") else ","
+            return dd.read_csv(
+                url,
+                blocksize=None if compressed else CSV_BLOCKSIZE,
+                sep=sep,
+                storage_options=storage_options or None,
+            )
+        return dd.read_parquet(url, storage_options=storage_options or None, split_row_groups="adaptive")
+    except Exception as exc:
+        raise ManifestError(f"cannot read manifest {url}: {type(exc).__name__}: {exc}") from None

@@ -1,0 +1,7 @@
+"""The op registry and the built-in ops. Importing this package registers every built-in."""
+
+from daskmv.ops.base import LOADER_INPUTS, Op, Output, Param, Row
+from daskmv.ops.registry import REGISTRY, get_op_class, register_op
+from daskmv.ops import core, torch_model  # noqa: F401  (registration)
+
+__all__ = ["LOADER_INPUTS", "Op", "Output", "Param", "Row", "REGISTRY", "get_op_class", "register_op"]

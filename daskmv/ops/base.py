@@ -1,0 +1,140 @@
+"""The Op protocol: what a processing step declares and the two methods it implements.
+
+An op is a small class in the style of datatrove's pipeline steps: it knows nothing of clusters,
+partitions or files on disk. It declares
+
+- ``inputs``: names it reads from each row. A name is a manifest column, an earlier op's output, or
+  one of the values the engine's loader makes from the row's file (:data:`LOADER_INPUTS`);
+- ``outputs``: arrays (written to Zarr, one reference column ``<name>_path`` in the manifest) and
+  scalar columns;
+- ``params``: named parameters with defaults, checked when the op is built;
+- ``gpu``: whether it prefers a GPU (it must still run on CPU);
+- ``requires``: optional packages it needs, checked when the op is built.
+
+``setup(device)`` runs once per worker process (models load there); ``process(rows)`` gets a
+micro-batch of rows (dicts) and returns one dict of outputs per row, or an exception instance for a
+row that failed on its own.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
+
+from daskmv.errors import PipelineError
+
+#: Inputs made by the engine's loader from the row's file (``path`` column), decoded once per row
+#: on a prefetch thread and shared by every op of the pipeline.
+LOADER_INPUTS: dict[str, str] = {
+    "url": "the row's file URL, relative paths resolved against the manifest",
+    "bytes": "the row's file content (bytes)",
+    "image": "the decoded image: RGB uint8 array [H, W, 3] (gray, RGBA and 16-bit converted)",
+    "image_info": "what the file held before conversion: width, height, channels, dtype, format",
+}
+
+Row = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Param:
+    """A declared op parameter: its default, a one-line help, optionally the allowed values.
+
+    ``path=True`` marks a file parameter: in a YAML pipeline, a relative path resolves against the
+    YAML file's folder.
+    """
+
+    default: Any
+    help: str
+    choices: tuple[Any, ...] | None = None
+    path: bool = False
+
+
+@dataclass(frozen=True)
+class Output:
+    """A declared output. ``array`` outputs go to Zarr; ``column`` outputs become manifest columns."""
+
+    name: str
+    kind: Literal["array", "column"]
+    dtype: str
+    help: str = ""
+
+    @property
+    def column(self) -> str:
+        """The manifest column that holds this output (a reference for arrays)."""
+        return f"{self.name}_path" if self.kind == "array" else self.name
+
+
+class Op:
+    """Base class of every op. Subclasses set the class attributes and implement :meth:`process`."""
+
+    name: ClassVar[str] = ""
+    inputs: ClassVar[tuple[str, ...]] = ()
+    outputs: ClassVar[tuple[Output, ...]] = ()
+    params: ClassVar[dict[str, Param]] = {}
+    gpu: ClassVar[bool] = False
+    version: ClassVar[str] = "1"
+    requires: ClassVar[tuple[str, ...]] = ()
+    help: ClassVar[str] = ""
+
+    def __init__(self, **params: Any) -> None:
+        missing = [pkg for pkg in self.requires if importlib.util.find_spec(pkg) is None]
+        if missing:
+            raise PipelineError(f"op {self.name!r} needs the package(s) {', '.join(missing)}; pip install them")
+        unknown = sorted(set(params) - set(self.params))
+        if unknown:
+            known = ", ".join(self.params) or "none"
+            raise PipelineError(f"op {self.name!r} has no parameter {', '.join(unknown)} (parameters: {known})")
+        values = {key: spec.default for key, spec in self.params.items()}
+        values.update(params)
+        for key, spec in self.params.items():
+            if spec.choices is not None and values[key] not in spec.choices:
+                raise PipelineError(
+                    f"op {self.name!r}: {key}={values[key]!r} is not one of {', '.join(map(repr, spec.choices))}"
+                )
+        self.config: dict[str, Any] = values
+        self.check_params()
+
+    def check_params(self) -> None:
+        """Validate and normalise ``self.config``; raise PipelineError with the fix in the message."""
+
+    # -- what the engine asks of an op -------------------------------------------------------------
+    def input_names(self) -> tuple[str, ...]:
+        """Inputs of this instance (may depend on parameters)."""
+        return self.inputs
+
+    def output_specs(self) -> tuple[Output, ...]:
+        """Outputs of this instance (may depend on parameters)."""
+        return self.outputs
+
+    def setup(self, device: str) -> None:
+        """Load models and other per-process state. Called once per worker process before use."""
+
+    def process(self, rows: list[Row]) -> list[Row | BaseException]:
+        """Process a micro-batch; return one output dict (or an exception) per row, in order."""
+        raise NotImplementedError
+
+    # -- identity ----------------------------------------------------------------------------------
+    def spec(self) -> dict[str, Any]:
+        """What identifies this configured op: name, version and parameters (JSON-able)."""
+        return {"op": self.name, "version": self.version, "params": self.config}
+
+    def fingerprint(self) -> str:
+        blob = json.dumps(self.spec(), sort_keys=True, default=str).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    def __repr__(self) -> str:
+        params = ", ".join(f"{k}={v!r}" for k, v in self.config.items())
+        return f"{type(self).__name__}({params})"
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """True for the errors that mean "this batch did not fit": MemoryError and torch's CUDA OOM."""
+    if isinstance(exc, MemoryError):
+        return True
+    name = type(exc).__name__
+    if name in ("OutOfMemoryError", "OutOfMemoryError_"):
+        return True
+    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()

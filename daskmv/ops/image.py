@@ -1,0 +1,111 @@
+"""Reading and decoding image files once per row, for every op of a pipeline.
+
+The engine's loader calls :func:`load_inputs` on a prefetch thread; OpenCV releases the GIL while it
+decodes, so several rows decode in parallel with the ops running on the task's thread. Every failure
+here is a :class:`~daskmv.errors.RowError` with a message that says what was wrong with the file.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import cv2
+import fsspec
+import numpy as np
+from fsspec.core import split_protocol
+
+from daskmv.errors import RowError
+
+cv2.setNumThreads(1)  # one decode per thread; parallelism comes from the loader threads and workers
+
+_MAGIC = (
+    (b"\xff\xd8\xff", "jpeg"),
+    (b"\x89PNG\r\n\x1a\n", "png"),
+    (b"GIF8", "gif"),
+    (b"BM", "bmp"),
+    (b"II*\x00", "tiff"),
+    (b"MM\x00*", "tiff"),
+    (b"RIFF", "webp"),
+)
+
+
+def read_bytes(url: str) -> bytes:
+    """The file's content; a missing or unreadable file is a RowError."""
+    protocol, local = split_protocol(url)
+    try:
+        if protocol in (None, "file", "local"):
+            with open(local, "rb") as fh:
+                data = fh.read()
+        else:
+            with fsspec.open(url, "rb") as fh:
+                data = fh.read()
+    except FileNotFoundError:
+        raise RowError(f"file not found: {url}") from None
+    except IsADirectoryError:
+        raise RowError(f"not a file but a directory: {url}") from None
+    except PermissionError:
+        raise RowError(f"permission denied: {url}") from None
+    except OSError as exc:
+        raise RowError(f"cannot read {url}: {exc}") from None
+    if not data:
+        raise RowError(f"empty file (0 bytes): {url}")
+    return data
+
+
+def sniff_format(data: bytes) -> str:
+    """The image format from the file's first bytes ('unknown' if none matches)."""
+    for magic, name in _MAGIC:
+        if data.startswith(magic):
+            return name
+    return "unknown"
+
+
+def decode_image(data: bytes, url: str = "") -> tuple[np.ndarray, dict[str, Any]]:
+    """Decode to RGB uint8 ``[H, W, 3]`` plus what the file held (width, height, channels, dtype, format).
+
+    Gray images are repeated to three channels, alpha is dropped, 16-bit values are scaled to 8 bits
+    (rounded). Bytes that are not an image are a RowError.
+    """
+    fmt = sniff_format(data)
+    raw = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    if raw is None or raw.size == 0:
+        hint = "" if fmt == "unknown" else f" (looks like {fmt}, probably truncated or corrupt)"
+        raise RowError(f"cannot decode image{hint}: {url}")
+    channels = 1 if raw.ndim == 2 else raw.shape[2]
+    info = {
+        "width": int(raw.shape[1]),
+        "height": int(raw.shape[0]),
+        "channels": int(channels),
+        "dtype": str(raw.dtype),
+        "format": fmt,
+    }
+    return to_rgb8(raw), info
+
+
+def to_rgb8(raw: np.ndarray) -> np.ndarray:
+    """OpenCV's decoded array (gray, BGR or BGRA; 8, 16-bit or float) as RGB uint8."""
+    if raw.dtype == np.uint16:
+        raw = ((raw.astype(np.uint32) + 128) // 257).astype(np.uint8)
+    elif raw.dtype != np.uint8:
+        scaled = np.clip(raw.astype(np.float32), 0.0, 1.0 if raw.dtype.kind == "f" else 255.0)
+        raw = (scaled * (255.0 if raw.dtype.kind == "f" else 1.0) + 0.5).astype(np.uint8)
+    if raw.ndim == 2:
+        return cv2.cvtColor(raw, cv2.COLOR_GRAY2RGB)
+    if raw.shape[2] == 1:
+        return cv2.cvtColor(raw[:, :, 0], cv2.COLOR_GRAY2RGB)
+    if raw.shape[2] == 4:
+        return cv2.cvtColor(raw, cv2.COLOR_BGRA2RGB)
+    return cv2.cvtColor(raw, cv2.COLOR_BGR2RGB)
+
+
+def load_inputs(url: str, wanted: frozenset[str]) -> dict[str, Any]:
+    """Make the loader inputs an op asked for (``url``, ``bytes``, ``image``, ``image_info``)."""
+    out: dict[str, Any] = {"url": url}
+    if wanted <= {"url"}:
+        return out
+    data = read_bytes(url)
+    if "bytes" in wanted:
+        out["bytes"] = data
+    if wanted & {"image", "image_info"}:
+        out["image"], out["image_info"] = decode_image(data, url)
+    return out

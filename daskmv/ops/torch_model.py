@@ -1,0 +1,135 @@
+"""``torch_model``: run any torch model over resized images, in micro-batches, on the worker's device.
+
+The model is named by a TorchScript file (``model: path/to/net.pt``) or by an import path to a
+factory (``model: mypkg.nets:build``, with optional ``kwargs`` and a ``checkpoint`` state-dict file).
+Nothing is ever downloaded. The model loads once per worker process (:meth:`TorchModel.setup`); its
+output for each row is stored as one array.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import re
+from typing import Any
+
+import cv2
+import numpy as np
+
+from daskmv.errors import PipelineError
+from daskmv.ops.base import Op, Output, Param, Row
+from daskmv.ops.core import INTERPOLATIONS, parse_size
+from daskmv.ops.registry import register_op
+
+_IMPORT_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
+IMAGENET_MEAN = [0.485, 0.456, 0.406]
+IMAGENET_STD = [0.229, 0.224, 0.225]
+
+
+@register_op
+class TorchModel(Op):
+    name = "torch_model"
+    help = "Run a TorchScript file or a module:factory model over resized images; store its output per row."
+    inputs = ("image",)
+    gpu = True
+    params = {
+        "model": Param(None, "TorchScript file, or import path module:factory returning an nn.Module", path=True),
+        "checkpoint": Param(None, "state-dict file loaded into a factory-built model (optional)", path=True),
+        "kwargs": Param({}, "keyword arguments for the factory"),
+        "size": Param(224, "input size: an int or [width, height]"),
+        "interpolation": Param("area", "OpenCV interpolation for the input resize", tuple(INTERPOLATIONS)),
+        "mean": Param(IMAGENET_MEAN, "per-channel mean subtracted from RGB in [0, 1]"),
+        "std": Param(IMAGENET_STD, "per-channel standard deviation divided out"),
+        "output": Param("model_output", "name of the array output (column <output>_path)"),
+        "output_key": Param(None, "key or index of the tensor to keep when the model returns a dict/tuple"),
+        "dtype": Param("float32", "stored dtype of the output", ("float32", "float16")),
+    }
+
+    def check_params(self) -> None:
+        model = self.config["model"]
+        if not model:
+            raise PipelineError("op 'torch_model' needs model=<TorchScript file or module:factory>")
+        model = str(model)
+        if os.path.isfile(model):
+            self.config["model"] = os.path.abspath(model)
+            if self.config["checkpoint"]:
+                raise PipelineError("op 'torch_model': checkpoint= applies to a module:factory model only")
+        elif _IMPORT_PATH.match(model):
+            if importlib.util.find_spec(model.partition(":")[0]) is None:
+                raise PipelineError(f"op 'torch_model': cannot find module {model.partition(':')[0]!r}")
+        else:
+            raise PipelineError(f"op 'torch_model': model file not found: {model}")
+        if self.config["checkpoint"]:
+            ckpt = str(self.config["checkpoint"])
+            if not os.path.isfile(ckpt):
+                raise PipelineError(f"op 'torch_model': checkpoint file not found: {ckpt}")
+            self.config["checkpoint"] = os.path.abspath(ckpt)
+        self.size = parse_size(self.config["size"], self.name)
+        self.config["size"] = list(self.size)
+        for key in ("mean", "std"):
+            if len(self.config[key]) != 3:
+                raise PipelineError(f"op 'torch_model': {key} needs 3 values (RGB), got {self.config[key]!r}")
+        if not re.match(r"^[A-Za-z_][\w]*$", str(self.config["output"])):
+            raise PipelineError(f"op 'torch_model': output name {self.config['output']!r} is not an identifier")
+        self.model: Any = None
+        self.device = "cpu"
+
+    def output_specs(self) -> tuple[Output, ...]:
+        return (Output(self.config["output"], "array", self.config["dtype"], "the model's output per row"),)
+
+    def spec(self) -> dict[str, Any]:
+        spec = super().spec()
+        files = [self.config["model"], self.config["checkpoint"]]
+        spec["files"] = {f: _file_identity(f) for f in files if f and os.path.isfile(f)}
+        return spec
+
+    def setup(self, device: str) -> None:
+        import torch
+
+        self.device = device
+        model = self.config["model"]
+        if os.path.isfile(model):
+            net = torch.jit.load(model, map_location=device)
+        else:
+            module_name, _, attr = model.partition(":")
+            factory = importlib.import_module(module_name)
+            for part in attr.split("."):
+                factory = getattr(factory, part)
+            net = factory(**(self.config["kwargs"] or {}))
+            if self.config["checkpoint"]:
+                state = torch.load(self.config["checkpoint"], map_location="cpu", weights_only=True)
+                net.load_state_dict(state)
+        self.model = net.eval().to(device)
+        self.mean = torch.tensor(self.config["mean"], device=device).view(1, 3, 1, 1)
+        self.std = torch.tensor(self.config["std"], device=device).view(1, 3, 1, 1)
+
+    def process(self, rows: list[Row]) -> list[Row | BaseException]:
+        import torch
+
+        flag = INTERPOLATIONS[self.config["interpolation"]]
+        batch = np.stack([cv2.resize(row["image"], self.size, interpolation=flag) for row in rows])
+        with torch.inference_mode():
+            x = torch.from_numpy(batch).to(self.device, non_blocking=True)
+            x = x.permute(0, 3, 1, 2).float().div_(255.0).sub_(self.mean).div_(self.std)
+            y = self._select(self.model(x))
+            y = y.to(torch.float16 if self.config["dtype"] == "float16" else torch.float32).cpu().numpy()
+        if y.shape[0] != len(rows):
+            raise RuntimeError(f"model returned {y.shape[0]} outputs for a batch of {len(rows)}")
+        name = self.config["output"]
+        return [{name: y[i]} for i in range(len(rows))]
+
+    def _select(self, out: Any) -> Any:
+        key = self.config["output_key"]
+        if isinstance(out, dict):
+            if key is None:
+                raise RuntimeError(f"model returned a dict ({', '.join(map(str, out))}); set output_key")
+            return out[key]
+        if isinstance(out, (tuple, list)):
+            return out[int(key or 0)]
+        return out
+
+
+def _file_identity(path: str) -> list[int]:
+    stat = os.stat(path)
+    return [stat.st_size, stat.st_mtime_ns]

@@ -1,0 +1,407 @@
+"""One partition, on a worker: load rows ahead of the ops, run micro-batches, write results, mark done.
+
+This is the one function every cluster runs (:func:`run_partition`). Inside it:
+
+- a thread pool reads and decodes each row's file ahead of the ops (OpenCV releases the GIL), and
+  every op of the pipeline shares that one decode;
+- ops run on micro-batches; an out-of-memory error halves the batch for that op (remembered by the
+  worker process) and retries; any other exception is pinned to the row that raised it;
+- arrays go to Zarr first, then the partition's rows (Parquet), then its completion marker.
+
+Ops are built and set up once per worker process and kept by :class:`OpCache`, a named, idempotent
+``WorkerPlugin``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+import time
+from collections import deque
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+from distributed.diagnostics.plugin import WorkerPlugin
+
+from daskmv.errors import RowError
+from daskmv.manifest import resolve_path
+from daskmv.ops.base import Op, Output, Row, is_out_of_memory
+from daskmv.ops.image import load_inputs
+from daskmv.store import Store, now, partition_name
+
+PLUGIN_NAME = "daskmv-ops"
+
+
+@dataclass
+class PartitionTask:
+    """Everything a worker needs for one partition; small enough to travel with the task."""
+
+    index: int
+    rows: pd.DataFrame
+    rows_hash: str
+    fingerprint: str
+    steps: list[dict[str, Any]]
+    root: str
+    base: str
+    path_column: str = "path"
+    batch_size: int = 32
+    decode_threads: int = 2
+    storage_options: dict[str, Any] = field(default_factory=dict)
+    generation: int = 0
+    retry_ids: list[str] | None = None
+    attempt: int = 1
+
+
+@dataclass
+class PreparedPipeline:
+    """A pipeline's ops, set up on this process's device, and what the process learned running them."""
+
+    ops: list[Op]
+    devices: list[str]
+    loader_inputs: frozenset[str]
+    batch_limits: dict[int, int] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+class OpCache(WorkerPlugin):
+    """Per-worker-process cache of set-up pipelines, keyed by fingerprint (models load once)."""
+
+    name = PLUGIN_NAME
+    idempotent = True
+
+    def setup(self, worker: Any = None) -> None:
+        self.entries: dict[str, PreparedPipeline] = {}
+        self.lock = threading.Lock()
+
+    def teardown(self, worker: Any = None) -> None:
+        self.entries.clear()
+        _empty_device_cache()
+
+    def get(self, fingerprint: str, steps: list[dict[str, Any]]) -> PreparedPipeline:
+        with self.lock:
+            if fingerprint not in self.entries:
+                self.entries[fingerprint] = _prepare(steps)
+            return self.entries[fingerprint]
+
+
+_PROCESS_CACHE = OpCache()
+_PROCESS_CACHE.setup()
+_POOL: ThreadPoolExecutor | None = None
+_POOL_LOCK = threading.Lock()
+
+
+def _op_cache() -> OpCache:
+    try:
+        from distributed import get_worker
+
+        plugin = get_worker().plugins.get(PLUGIN_NAME)
+        if isinstance(plugin, OpCache):
+            return plugin
+    except ValueError:  # not inside a Dask worker
+        pass
+    return _PROCESS_CACHE
+
+
+def _pool(threads: int) -> ThreadPoolExecutor:
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None or _POOL._max_workers != threads:
+            _POOL = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="daskmv-load")
+        return _POOL
+
+
+def _prepare(steps: list[dict[str, Any]]) -> PreparedPipeline:
+    from daskmv.pipeline import Pipeline
+
+    pipeline = Pipeline.from_steps(steps)
+    devices = []
+    for op in pipeline.ops:
+        device = _best_device() if op.gpu else "cpu"
+        op.setup(device)
+        devices.append(device)
+    return PreparedPipeline(pipeline.ops, devices, pipeline.loader_inputs)
+
+
+def _best_device() -> str:
+    try:
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    except ImportError:
+        return "cpu"
+
+
+def _empty_device_cache() -> None:
+    import sys
+
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+# -- the task --------------------------------------------------------------------------------------
+def run_partition(task: PartitionTask) -> dict[str, Any]:
+    """Process one partition and write its outputs; return its completion marker (a small dict)."""
+    started, t0 = now(), time.perf_counter()
+    prepared = _op_cache().get(task.fingerprint, task.steps)
+    rows = task.rows
+    if task.retry_ids is not None:
+        rows = rows[rows["id"].isin(task.retry_ids)].reset_index(drop=True)
+    result = _process_rows(prepared, rows, task)
+    store = Store(task.root, task.storage_options)
+    specs = [spec for op in prepared.ops for spec in op.output_specs()]
+    table = result_table(specs, rows, result.outputs, result.errors, result.seconds, store, task)
+    if task.retry_ids is not None:
+        table = _merge_retry(store.read_part(task.index), table, task.rows["id"].tolist())
+    store.write_part(task.index, table)
+    status = table.column("status").to_pylist()
+    marker = {
+        "index": task.index,
+        "name": partition_name(task.index),
+        "fingerprint": task.fingerprint,
+        "rows_hash": task.rows_hash,
+        "rows": table.num_rows,
+        "ok": status.count("ok"),
+        "errors": status.count("error"),
+        "generation": task.generation,
+        "attempt": task.attempt,
+        "started": started,
+        "finished": now(),
+        "seconds": round(time.perf_counter() - t0, 4),
+        "processed_rows": len(rows),
+        "load_seconds": round(result.load_seconds, 4),
+        "op_seconds": {op.name: round(s, 4) for op, s in zip(prepared.ops, result.op_seconds)},
+        "batch_limits": {prepared.ops[k].name: v for k, v in prepared.batch_limits.items()},
+        "oom_backoffs": result.oom_backoffs,
+        "worker": _worker_address(),
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "devices": sorted(set(prepared.devices)),
+        "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+    }
+    store.mark_done(marker)
+    return marker
+
+
+def _worker_address() -> str | None:
+    try:
+        from distributed import get_worker
+
+        return get_worker().address
+    except ValueError:
+        return None
+
+
+@dataclass
+class _Result:
+    outputs: list[Row]
+    errors: list[str | None]
+    seconds: np.ndarray
+    op_seconds: list[float]
+    load_seconds: float = 0.0
+    oom_backoffs: int = 0
+
+
+def _process_rows(prepared: PreparedPipeline, rows: pd.DataFrame, task: PartitionTask) -> _Result:
+    n = len(rows)
+    records = rows.to_dict("records")
+    res = _Result([{} for _ in range(n)], [None] * n, np.zeros(n), [0.0] * len(prepared.ops))
+    for batch in _loaded_batches(records, prepared.loader_inputs, task):
+        live: list[tuple[int, Row]] = []
+        for i, loaded, seconds in batch:
+            res.seconds[i] += seconds
+            res.load_seconds += seconds
+            if isinstance(loaded, BaseException):
+                res.errors[i] = _format_error("read", loaded)
+            else:
+                live.append((i, {**records[i], **loaded}))
+        for k, op in enumerate(prepared.ops):
+            if not live:
+                break
+            t = time.perf_counter()
+            outs = _apply(prepared, k, [row for _, row in live], task.batch_size, res)
+            elapsed = time.perf_counter() - t
+            res.op_seconds[k] += elapsed
+            still: list[tuple[int, Row]] = []
+            for (i, row), out in zip(live, outs):
+                res.seconds[i] += elapsed / len(live)
+                checked = out if isinstance(out, BaseException) else _check_outputs(op, out)
+                if isinstance(checked, BaseException):
+                    res.errors[i] = _format_error(op.name, checked)
+                    continue
+                row.update(checked)
+                res.outputs[i].update(checked)
+                still.append((i, row))
+            live = still
+    return res
+
+
+def _loaded_batches(
+    records: list[Row], wanted: frozenset[str], task: PartitionTask
+) -> Iterator[list[tuple[int, Row | BaseException, float]]]:
+    """Micro-batches of (row index, loader inputs or the error, seconds), loaded ahead on threads."""
+    size = max(1, task.batch_size)
+    if not wanted:
+        for start in range(0, len(records), size):
+            yield [(i, {}, 0.0) for i in range(start, min(start + size, len(records)))]
+        return
+    pool = _pool(max(1, task.decode_threads))
+    ahead = size + max(size, 2 * task.decode_threads)
+    pending: deque[tuple[int, Any]] = deque()
+    todo = iter(range(len(records)))
+
+    def fill() -> None:
+        while len(pending) < ahead:
+            i = next(todo, None)
+            if i is None:
+                return
+            url = resolve_path(str(records[i].get(task.path_column) or ""), task.base)
+            pending.append((i, pool.submit(_load_row, url, wanted)))
+
+    fill()
+    while pending:
+        batch = []
+        while pending and len(batch) < size:
+            i, future = pending.popleft()
+            batch.append((i, *future.result()))
+            fill()
+        yield batch
+
+
+def _load_row(url: str, wanted: frozenset[str]) -> tuple[Row | BaseException, float]:
+    t = time.perf_counter()
+    try:
+        if not url:
+            raise RowError("no file path in this row")
+        loaded: Row | BaseException = load_inputs(url, wanted)
+    except Exception as exc:  # every failure to read or decode belongs to this row
+        loaded = exc
+    return loaded, time.perf_counter() - t
+
+
+def _apply(prepared: PreparedPipeline, k: int, rows: list[Row], batch_size: int, res: _Result) -> list[Row | BaseException]:
+    """Run op ``k`` over ``rows`` in micro-batches no larger than its (possibly reduced) limit."""
+    limit = min(batch_size, prepared.batch_limits.get(k, batch_size))
+    out: list[Row | BaseException] = []
+    for start in range(0, len(rows), max(1, limit)):
+        out += _apply_batch(prepared, k, rows[start : start + limit], res)
+    return out
+
+
+def _apply_batch(prepared: PreparedPipeline, k: int, rows: list[Row], res: _Result) -> list[Row | BaseException]:
+    op = prepared.ops[k]
+    try:
+        outs = list(op.process(rows))
+        if len(outs) != len(rows):
+            raise RuntimeError(f"returned {len(outs)} results for {len(rows)} rows")
+        return outs
+    except Exception as exc:
+        if is_out_of_memory(exc):
+            _empty_device_cache()
+            if len(rows) == 1:
+                return [RowError(f"out of memory even with a batch of one row ({type(exc).__name__}: {exc})")]
+            half = len(rows) // 2
+            with prepared.lock:
+                prepared.batch_limits[k] = min(half, prepared.batch_limits.get(k, half))
+            res.oom_backoffs += 1
+            return _apply_batch(prepared, k, rows[:half], res) + _apply_batch(prepared, k, rows[half:], res)
+        if len(rows) == 1:
+            return [exc]
+        return [out for row in rows for out in _apply_batch(prepared, k, [row], res)]
+
+
+def _check_outputs(op: Op, out: Any) -> Row | BaseException:
+    """The op's declared outputs from its result, as clean values; anything missing is a row error."""
+    if not isinstance(out, dict):
+        return RowError(f"returned {type(out).__name__}, not a dict of outputs")
+    clean: Row = {}
+    for spec in op.output_specs():
+        if spec.name not in out:
+            return RowError(f"returned no value for its output {spec.name!r}")
+        try:
+            clean[spec.name] = _coerce(spec, out[spec.name])
+        except (TypeError, ValueError) as exc:
+            return RowError(f"output {spec.name!r}: {exc}")
+    return clean
+
+
+def _coerce(spec: Output, value: Any) -> Any:
+    if spec.kind == "array":
+        arr = np.asarray(value)
+        target = np.dtype(spec.dtype)
+        if arr.dtype == object:
+            raise TypeError("arrays of Python objects cannot be stored")
+        if arr.dtype != target:
+            if not np.can_cast(arr.dtype, target, casting="same_kind"):
+                raise TypeError(f"dtype {arr.dtype} does not convert safely to the declared {target}")
+            arr = arr.astype(target)
+        return arr
+    if value is None:
+        return None
+    if isinstance(value, np.generic):
+        value = value.item()
+    if spec.dtype == "json":
+        return json.dumps(value, sort_keys=True, default=str)
+    if spec.dtype.startswith("int"):
+        return int(value)
+    if spec.dtype.startswith("float"):
+        return float(value)
+    if spec.dtype == "bool":
+        return bool(value)
+    return str(value)
+
+
+def _format_error(op: str, exc: BaseException) -> str:
+    text = str(exc).strip().replace("\n", " ") or "(no message)"
+    if isinstance(exc, RowError):
+        return f"{op}: {text}"
+    return f"{op}: {type(exc).__name__}: {text}"
+
+
+# -- the partition's rows as a table -----------------------------------------------------------------
+def _arrow_type(spec: Output) -> pa.DataType:
+    if spec.dtype in ("json", "string", "str"):
+        return pa.string()
+    return pa.from_numpy_dtype(np.dtype(spec.dtype))
+
+
+def result_table(specs: Sequence[Output], rows: pd.DataFrame, outputs: Sequence[Row], errors: Sequence[str | None],
+                 seconds: Sequence[float], store: Store, task: PartitionTask) -> pa.Table:
+    """Input columns, then output columns and references, then status, error and seconds."""
+    written = {spec.column for spec in specs} | {"status", "error", "seconds"}
+    inputs = rows[[c for c in rows.columns if c not in written]]
+    table = pa.Table.from_pandas(inputs, preserve_index=False)
+    for spec in specs:
+        values = [out.get(spec.name) if err is None else None for out, err in zip(outputs, errors)]
+        if spec.kind == "array":
+            refs = store.write_array(spec.name, task.index, task.generation, values)
+            table = table.append_column(spec.column, pa.array(refs, pa.string()))
+        else:
+            table = table.append_column(spec.column, pa.array(values, _arrow_type(spec)))
+    status = ["ok" if err is None else "error" for err in errors]
+    table = table.append_column("status", pa.array(status, pa.string()))
+    table = table.append_column("error", pa.array(list(errors), pa.string()))
+    return table.append_column("seconds", pa.array(np.round(np.asarray(seconds, float), 6), pa.float64()))
+
+
+def failed_partition_table(specs: Sequence[Output], task: PartitionTask, message: str) -> pa.Table:
+    """The rows of a partition given up on: every row an error that says why, no outputs."""
+    n = len(task.rows)
+    store = Store(task.root, task.storage_options)
+    return result_table(specs, task.rows, [{}] * n, [message] * n, [0.0] * n, store, task)
+
+
+def _merge_retry(old: pa.Table, new: pa.Table, order: Sequence[str]) -> pa.Table:
+    """The old partition with its retried rows replaced by their new results, in manifest order."""
+    kept = old.filter(pc.invert(pc.is_in(old.column("id"), value_set=new.column("id"))))
+    merged = pa.concat_tables([kept, new], promote_options="permissive")
+    position = pc.index_in(merged.column("id"), value_set=pa.array(list(order), pa.string()))
+    return merged.take(pc.sort_indices(position))

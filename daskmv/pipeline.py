@@ -1,0 +1,192 @@
+"""Pipelines: ordered ops with their parameters, from a comma list, a YAML file or Python.
+
+A pipeline is checked before anything runs: every op's inputs must be a manifest column, an earlier
+op's output, or something the loader makes from the row's file. Its fingerprint (a hash of every op's
+name, version and parameters) keys the output root, so a changed pipeline never reuses old results.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from daskmv.errors import PipelineError
+from daskmv.ops import LOADER_INPUTS, Op, Output, get_op_class
+
+#: Named pipelines: a name that expands to steps, usable wherever an op name is.
+PIPELINES: dict[str, list[dict[str, Any]]] = {}
+
+#: Columns every output manifest gets; a pipeline output may not take these names.
+RESERVED_COLUMNS = ("id", "status", "error", "seconds")
+
+
+def register_pipeline(name: str, steps: list[dict[str, Any]]) -> None:
+    """Make ``name`` expand to ``steps`` (dicts of ``op`` and ``params``) in pipeline specs."""
+    PIPELINES[name] = steps
+
+
+class Pipeline:
+    """Ordered, configured ops. Build with :meth:`parse`; check with :meth:`validate`."""
+
+    def __init__(self, ops: Sequence[Op], name: str | None = None) -> None:
+        if not ops:
+            raise PipelineError("a pipeline needs at least one op")
+        self.ops = list(ops)
+        self.name = name or ",".join(op.name for op in self.ops)
+        self._check_outputs()
+
+    # -- building ----------------------------------------------------------------------------------
+    @classmethod
+    def parse(cls, spec: str | os.PathLike | Sequence[Any] | Pipeline) -> Pipeline:
+        """From a comma list (``"resize,stats"``), a YAML file path, a list of steps, or a Pipeline."""
+        if isinstance(spec, Pipeline):
+            return spec
+        if isinstance(spec, os.PathLike) or (isinstance(spec, str) and spec.endswith((".yaml", ".yml"))):
+            return cls.from_yaml(spec)
+        if isinstance(spec, str):
+            names = [s.strip() for s in spec.split(",") if s.strip()]
+            if not names:
+                raise PipelineError("empty pipeline: name ops as a comma list, e.g. --pipeline resize,stats")
+            return cls.from_steps(names, name=spec if len(names) == 1 and spec in PIPELINES else None)
+        return cls.from_steps(list(spec))
+
+    @classmethod
+    def from_steps(cls, steps: Iterable[Any], name: str | None = None, base: str | None = None) -> Pipeline:
+        """From steps: ``"name"``, ``{"name": {params}}``, ``{"op": name, "params": {...}}`` or Op objects."""
+        ops: list[Op] = []
+        for step in steps:
+            if isinstance(step, Op):
+                ops.append(step)
+                continue
+            op_name, params = _step_parts(step)
+            if op_name in PIPELINES and not params:
+                ops.extend(cls.from_steps(PIPELINES[op_name], base=base).ops)
+                continue
+            op_cls = get_op_class(op_name)
+            if base:
+                params = _resolve_paths(op_cls, params, base)
+            ops.append(op_cls(**params))
+        return cls(ops, name=name)
+
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike) -> Pipeline:
+        """Read ``steps:`` (or ``ops:``) and an optional ``name:``; file params resolve beside the YAML."""
+        path = Path(path)
+        try:
+            doc = yaml.safe_load(path.read_text())
+        except FileNotFoundError:
+            raise PipelineError(f"pipeline file not found: {path}") from None
+        except yaml.YAMLError as exc:
+            raise PipelineError(f"pipeline file {path} is not valid YAML: {exc}") from None
+        if isinstance(doc, list):
+            doc = {"steps": doc}
+        if not isinstance(doc, dict) or not isinstance(doc.get("steps", doc.get("ops")), list):
+            raise PipelineError(f"pipeline file {path} needs a list under 'steps:'")
+        steps = doc.get("steps", doc.get("ops"))
+        return cls.from_steps(steps, name=doc.get("name") or path.stem, base=str(path.parent.resolve()))
+
+    def steps(self) -> list[dict[str, Any]]:
+        """The pipeline as data (what a YAML file holds and workers rebuild from)."""
+        return [{"op": op.name, "params": op.config} for op in self.ops]
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump({"name": self.name, "steps": self.steps()}, sort_keys=False)
+
+    # -- what it needs and makes -------------------------------------------------------------------
+    @property
+    def fingerprint(self) -> str:
+        blob = json.dumps([op.spec() for op in self.ops], sort_keys=True, default=str).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    @property
+    def outputs(self) -> list[Output]:
+        return [out for op in self.ops for out in op.output_specs()]
+
+    @property
+    def array_outputs(self) -> list[Output]:
+        return [out for out in self.outputs if out.kind == "array"]
+
+    @property
+    def output_columns(self) -> list[str]:
+        return [out.column for out in self.outputs]
+
+    @property
+    def loader_inputs(self) -> frozenset[str]:
+        """What the loader must make from each row's file (empty: no file is read)."""
+        produced = {out.name for out in self.outputs}
+        return frozenset(n for op in self.ops for n in op.input_names() if n in LOADER_INPUTS and n not in produced)
+
+    @property
+    def needs_gpu(self) -> bool:
+        return any(op.gpu for op in self.ops)
+
+    def _check_outputs(self) -> None:
+        seen: dict[str, str] = {}
+        for op in self.ops:
+            for out in op.output_specs():
+                for name in {out.name, out.column}:
+                    if name in RESERVED_COLUMNS or name in LOADER_INPUTS:
+                        raise PipelineError(f"op {op.name!r}: output name {name!r} is reserved")
+                    if name in seen:
+                        raise PipelineError(f"ops {seen[name]!r} and {op.name!r} both write {name!r}")
+                    seen[name] = op.name
+
+    def validate(self, columns: Sequence[str], path_column: str = "path") -> list[str]:
+        """Check every input against the manifest's columns; return the input columns outputs replace.
+
+        Raises PipelineError naming the op, the missing input, and what could provide it.
+        """
+        available = set(columns)
+        for op in self.ops:
+            for name in op.input_names():
+                if name in LOADER_INPUTS and name not in available:
+                    if path_column not in columns:
+                        raise PipelineError(
+                            f"op {op.name!r} reads files but the manifest has no column {path_column!r} "
+                            "(name the file column with --path-column)"
+                        )
+                    continue
+                if name not in available:
+                    raise PipelineError(
+                        f"op {op.name!r} needs input {name!r}: not a manifest column, not an output of an "
+                        f"earlier op, and not one of {', '.join(LOADER_INPUTS)}"
+                    )
+            available |= {out.name for out in op.output_specs()}
+        written = set(self.output_columns) | set(RESERVED_COLUMNS[1:])
+        return [c for c in columns if c in written]
+
+    def __repr__(self) -> str:
+        return f"Pipeline({self.name!r}, {self.ops!r})"
+
+
+def _step_parts(step: Any) -> tuple[str, dict[str, Any]]:
+    if isinstance(step, str):
+        return step, {}
+    if isinstance(step, dict) and "op" in step:
+        extra = set(step) - {"op", "params"}
+        if extra:
+            raise PipelineError(f"pipeline step {step!r}: unknown key(s) {', '.join(sorted(extra))}")
+        return str(step["op"]), dict(step.get("params") or {})
+    if isinstance(step, dict) and len(step) == 1:
+        (name, params), = step.items()
+        if params is not None and not isinstance(params, dict):
+            raise PipelineError(f"pipeline step {name!r}: parameters must be a mapping, not {params!r}")
+        return str(name), dict(params or {})
+    raise PipelineError(f"cannot read pipeline step {step!r}: use a name, {{name: {{params}}}} or {{op:, params:}}")
+
+
+def _resolve_paths(op_cls: type[Op], params: dict[str, Any], base: str) -> dict[str, Any]:
+    out = dict(params)
+    for key, spec in op_cls.params.items():
+        value = out.get(key)
+        if spec.path and isinstance(value, str) and not os.path.isabs(value) and ":" not in value:
+            candidate = os.path.join(base, value)
+            if os.path.exists(candidate):
+                out[key] = candidate
+    return out

@@ -1,0 +1,425 @@
+"""The output root: its layout, the partition files that make a run resumable, and the final manifest.
+
+```
+out/
+  run.json           what made this root: pipeline, fingerprint, manifest, counts, timings, versions
+  run.lock           present while a run writes here
+  manifest.parquet   input columns + output columns + <array>_path references + status, error, seconds
+  manifest.csv       its twin, when the input manifest was CSV
+  errors.log         one line per failed row: id <TAB> op <TAB> message
+  outputs.zarr/<output>/p000012      one array per output per partition (sharded: one file)
+  parts/p000012.parquet              a partition's finished rows
+  parts/p000012.json                 its completion marker, written after the rows and arrays
+  parts/p000012.failed.json          a partition given up on after its retries
+```
+
+Write, then mark: a marker always means the arrays and the rows are there. Names come from partition
+numbers, never from ids or paths in the manifest, so nothing is written outside the root. An array
+reference is ``outputs.zarr/<output>/p000012#5`` (row 5 of that array), relative to the manifest.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import socket
+import uuid
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+import zarr
+from fsspec.core import url_to_fs
+from zarr.codecs import ZstdCodec
+
+from daskmv.errors import StoreError
+
+RUN_JSON = "run.json"
+LOCK = "run.lock"
+MANIFEST = "manifest.parquet"
+MANIFEST_CSV = "manifest.csv"
+ERRORS_LOG = "errors.log"
+ZARR = "outputs.zarr"
+PARTS = "parts"
+#: Files and folders daskmv owns in a root; ``--overwrite`` removes these and nothing else.
+OWNED = (RUN_JSON, MANIFEST, MANIFEST_CSV, ERRORS_LOG, ZARR, PARTS, "report.html")
+#: Rows per inner Zarr chunk aim at this many bytes, so tiny outputs are not one chunk per row.
+INNER_CHUNK_BYTES = 1 << 16
+
+
+def now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="milliseconds")
+
+
+def partition_name(index: int, generation: int = 0) -> str:
+    """``p000012``, or ``p000012-r1`` for the arrays of a ``--retry-errors`` pass."""
+    return f"p{index:06d}" + (f"-r{generation}" if generation else "")
+
+
+def array_ref(output: str, index: int, generation: int, row: int) -> str:
+    return f"{ZARR}/{output}/{partition_name(index, generation)}#{row}"
+
+
+def parse_ref(ref: str) -> tuple[str, int]:
+    """Split ``outputs.zarr/x/p000001#5`` into the array path and the row."""
+    path, sep, row = ref.rpartition("#")
+    if not sep or not row.isdigit():
+        raise ValueError(f"not an array reference: {ref!r}")
+    return path, int(row)
+
+
+@dataclass
+class Marker:
+    """A finished partition, as recorded in ``parts/pNNNNNN.json``."""
+
+    index: int
+    fingerprint: str
+    rows_hash: str
+    rows: int
+    ok: int
+    errors: int
+    generation: int = 0
+    info: dict[str, Any] | None = None
+
+    @classmethod
+    def from_json(cls, doc: dict[str, Any]) -> Marker:
+        keys = ("index", "fingerprint", "rows_hash", "rows", "ok", "errors", "generation")
+        return cls(**{k: doc[k] for k in keys if k in doc}, info=doc)
+
+
+class Store:
+    """One output root (a local path or an fsspec URL) and the files daskmv keeps in it."""
+
+    def __init__(self, root: str, storage_options: dict[str, Any] | None = None) -> None:
+        self.root = str(root).rstrip("/")
+        self.storage_options = dict(storage_options or {})
+        self.fs, self.path = url_to_fs(self.root, **self.storage_options)
+        self.local = "file" in (self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,))
+        if self.local:
+            self.path = os.path.abspath(self.path)
+            self.root = self.path
+
+    # -- paths and small files ---------------------------------------------------------------------
+    def _p(self, *parts: str) -> str:
+        return "/".join([self.path, *parts])
+
+    def url(self, *parts: str) -> str:
+        """A URL (or local path) inside the root, for other libraries to open."""
+        return "/".join([self.root, *parts])
+
+    def exists(self, *parts: str) -> bool:
+        return self.fs.exists(self._p(*parts))
+
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        """Write-then-rename, so a reader never sees half a file (atomic on local disks)."""
+        final = self._p(rel)
+        tmp = self._p(f"{rel}.tmp-{uuid.uuid4().hex[:8]}")
+        self.fs.makedirs(self._p(*rel.split("/")[:-1]) if "/" in rel else self.path, exist_ok=True)
+        if self.local:
+            with open(tmp, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, final)
+        else:
+            self.fs.pipe_file(tmp, data)
+            self.fs.mv(tmp, final)
+
+    def write_json(self, rel: str, doc: Any) -> None:
+        self.write_bytes(rel, json.dumps(doc, indent=1, default=str).encode())
+
+    def read_json(self, rel: str) -> Any | None:
+        try:
+            return json.loads(self.fs.cat_file(self._p(rel)))
+        except FileNotFoundError:
+            return None
+        except json.JSONDecodeError as exc:
+            raise StoreError(f"{self.url(rel)} is not valid JSON ({exc}); remove it or use --overwrite") from None
+
+    def remove(self, rel: str) -> None:
+        if self.exists(rel):
+            self.fs.rm(self._p(rel), recursive=True)
+
+    # -- the run's lock and identity ---------------------------------------------------------------
+    def acquire_lock(self) -> None:
+        """Refuse a second concurrent run; take over a lock left by a dead process on this host."""
+        self.fs.makedirs(self.path, exist_ok=True)
+        me = {"host": socket.gethostname(), "pid": os.getpid(), "started": now()}
+        held = self.read_json(LOCK)
+        if held is not None and not _lock_is_stale(held):
+            raise StoreError(
+                f"output root {self.root} is in use by a run (pid {held.get('pid')} on {held.get('host')}, "
+                f"since {held.get('started')}); if no run is going, delete {self.url(LOCK)}"
+            )
+        if self.local and held is None:
+            try:
+                fd = os.open(self._p(LOCK), os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                raise StoreError(f"output root {self.root} was just locked by another run") from None
+            with os.fdopen(fd, "w") as fh:
+                json.dump(me, fh)
+        else:
+            self.write_json(LOCK, me)
+
+    def release_lock(self) -> None:
+        held = self.read_json(LOCK)
+        if held and held.get("pid") == os.getpid() and held.get("host") == socket.gethostname():
+            self.remove(LOCK)
+
+    def prepare(self, binding: dict[str, Any], overwrite: bool) -> dict[str, Any] | None:
+        """Check the root belongs to this run (same ``binding``), or clear it when ``overwrite``.
+
+        Returns the previous ``run.json`` when resuming, else None.
+        """
+        previous = self.read_json(RUN_JSON)
+        if overwrite:
+            for name in OWNED:
+                self.remove(name)
+            return None
+        if previous is None:
+            if self.exists(PARTS) or self.exists(ZARR):
+                raise StoreError(f"{self.root} holds outputs but no {RUN_JSON}; use --overwrite or another --out")
+            return None
+        old = previous.get("binding", {})
+        diffs = [k for k in binding if k in old and old[k] != binding[k]]
+        if diffs:
+            lines = "; ".join(f"{k}: {old[k]!r} there, {binding[k]!r} now" for k in diffs)
+            raise StoreError(
+                f"output root {self.root} was made by a different run ({lines}); "
+                "use another --out, or --overwrite to replace it"
+            )
+        return previous
+
+    # -- partitions --------------------------------------------------------------------------------
+    def marker(self, index: int) -> Marker | None:
+        doc = self.read_json(f"{PARTS}/{partition_name(index)}.json")
+        return None if doc is None else Marker.from_json(doc)
+
+    def markers(self) -> dict[int, Marker]:
+        """Every completion marker in the root, by partition index (one listing, then small reads)."""
+        found: dict[int, Marker] = {}
+        for name in self._part_files(".json"):
+            stem = name[: -len(".json")]
+            if stem.startswith("p") and stem[1:].isdigit():
+                marker = self.marker(int(stem[1:]))
+                if marker is not None:
+                    found[marker.index] = marker
+        return found
+
+    def failures(self) -> dict[int, dict[str, Any]]:
+        """Partitions given up on (``parts/pNNNNNN.failed.json``), by index."""
+        out: dict[int, dict[str, Any]] = {}
+        for name in self._part_files(".failed.json"):
+            doc = self.read_json(f"{PARTS}/{name}")
+            if doc is not None:
+                out[int(doc["index"])] = doc
+        return out
+
+    def _part_files(self, suffix: str) -> list[str]:
+        try:
+            names = [p.rsplit("/", 1)[-1] for p in self.fs.ls(self._p(PARTS), detail=False)]
+        except FileNotFoundError:
+            return []
+        if suffix == ".json":
+            return sorted(n for n in names if n.endswith(".json") and not n.endswith(".failed.json"))
+        return sorted(n for n in names if n.endswith(suffix))
+
+    def write_part(self, index: int, table: pa.Table) -> None:
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink, compression="zstd")
+        self.write_bytes(f"{PARTS}/{partition_name(index)}.parquet", sink.getvalue().to_pybytes())
+
+    def read_part(self, index: int) -> pa.Table:
+        with self.fs.open(self._p(PARTS, f"{partition_name(index)}.parquet"), "rb") as fh:
+            return pq.read_table(fh)
+
+    def _part_schema(self, index: int) -> pa.Schema:
+        with self.fs.open(self._p(PARTS, f"{partition_name(index)}.parquet"), "rb") as fh:
+            return pq.read_schema(fh)
+
+    def mark_done(self, marker: dict[str, Any]) -> None:
+        """The last write of a partition: after this, the partition counts as finished."""
+        self.write_json(f"{PARTS}/{partition_name(marker['index'])}.json", marker)
+        self.remove(f"{PARTS}/{partition_name(marker['index'])}.failed.json")
+
+    def mark_failed(self, index: int, doc: dict[str, Any]) -> None:
+        self.write_json(f"{PARTS}/{partition_name(index)}.failed.json", {"index": index, **doc})
+
+    # -- arrays ------------------------------------------------------------------------------------
+    def prepare_arrays(self, outputs: Sequence[str]) -> None:
+        """Create the Zarr groups once, in the driver, so tasks never race on shared metadata."""
+        root = zarr.open_group(self.url(ZARR), mode="a", storage_options=self._zarr_options())
+        for name in outputs:
+            if name not in root:
+                root.create_group(name)
+
+    def write_array(self, output: str, index: int, generation: int, values: list[np.ndarray | None]) -> list[str | None]:
+        """Write one partition's values of one output; return each row's reference (None: no value).
+
+        Same-shaped values become one ``[rows, ...]`` array whose rows are inner chunks of a single
+        shard (one file, one row readable alone). Values of different shapes are stored ragged: a
+        flat ``data`` array with ``offsets`` and ``shapes``.
+        """
+        present = [v for v in values if v is not None]
+        if not present:
+            return [None] * len(values)
+        url = self.url(ZARR, output, partition_name(index, generation))
+        shapes = {v.shape for v in present}
+        if len(shapes) == 1:
+            _write_stacked(url, values, present[0], self._zarr_options())
+        else:
+            _write_ragged(url, values, present[0].dtype, self._zarr_options())
+        return [None if v is None else array_ref(output, index, generation, i) for i, v in enumerate(values)]
+
+    def _zarr_options(self) -> dict[str, Any] | None:
+        return None if self.local else (self.storage_options or None)
+
+    # -- the final manifest ------------------------------------------------------------------------
+    def assemble(self, indices: Sequence[int], csv: bool) -> dict[str, int]:
+        """Concatenate the parts of ``indices`` (in order) into the final manifest and errors.log.
+
+        Streams one part at a time, so memory stays at one partition whatever the manifest's size.
+        Written to temporary names and renamed, so a reader sees the old manifest or the new one.
+        """
+        schemas = [self._part_schema(i) for i in indices]
+        schema = pa.unify_schemas(schemas, promote_options="permissive") if schemas else pa.schema([])
+        counts = {"rows": 0, "ok": 0, "error": 0}
+        tmp = f".tmp-{uuid.uuid4().hex[:8]}"
+        self.fs.makedirs(self.path, exist_ok=True)
+        with self.fs.open(self._p(MANIFEST + tmp), "wb") as pf, self.fs.open(self._p(ERRORS_LOG + tmp), "wb") as ef:
+            writer = pq.ParquetWriter(pf, schema, compression="zstd")
+            csv_fh = self.fs.open(self._p(MANIFEST_CSV + tmp), "wb") if csv else None
+            csv_writer = pacsv.CSVWriter(csv_fh, _csv_schema(schema)) if csv_fh else None
+            try:
+                for index in indices:
+                    table = _conform(self.read_part(index), schema)
+                    writer.write_table(table)
+                    if csv_writer:
+                        csv_writer.write_table(_csv_table(table))
+                    counts["rows"] += table.num_rows
+                    status = table.column("status").to_pylist()
+                    errs = status.count("error")
+                    counts["error"] += errs
+                    counts["ok"] += status.count("ok")
+                    if errs:
+                        ef.write(_error_lines(table).encode())
+            finally:
+                writer.close()
+                if csv_writer:
+                    csv_writer.close()
+                if csv_fh:
+                    csv_fh.close()
+        self.fs.mv(self._p(MANIFEST + tmp), self._p(MANIFEST))
+        self.fs.mv(self._p(ERRORS_LOG + tmp), self._p(ERRORS_LOG))
+        if csv:
+            self.fs.mv(self._p(MANIFEST_CSV + tmp), self._p(MANIFEST_CSV))
+        else:
+            self.remove(MANIFEST_CSV)
+        return counts
+
+def _write_stacked(url: str, values: list[np.ndarray | None], first: np.ndarray, options: dict[str, Any] | None) -> None:
+    n = len(values)
+    data = np.zeros((n, *first.shape), dtype=first.dtype)
+    for i, v in enumerate(values):
+        if v is not None:
+            data[i] = v
+    row_bytes = max(1, first.nbytes)
+    rows_per_chunk = max(1, min(n, INNER_CHUNK_BYTES // row_bytes))
+    chunks = (rows_per_chunk, *first.shape)
+    shard_rows = -(-n // rows_per_chunk) * rows_per_chunk
+    arr = zarr.create_array(
+        url, shape=data.shape, dtype=data.dtype, chunks=chunks, shards=(shard_rows, *first.shape),
+        compressors=ZstdCodec(level=1), overwrite=True, storage_options=options,
+        attributes={"daskmv": {"layout": "stacked", "present": [v is not None for v in values]}},
+    )
+    arr[...] = data
+
+
+def _write_ragged(url: str, values: list[np.ndarray | None], dtype: np.dtype, options: dict[str, Any] | None) -> None:
+    ndim = max(v.ndim for v in values if v is not None)
+    shapes = np.full((len(values), ndim), -1, dtype=np.int64)
+    offsets = np.zeros(len(values) + 1, dtype=np.int64)
+    flat: list[np.ndarray] = []
+    for i, v in enumerate(values):
+        size = 0
+        if v is not None:
+            shapes[i, : v.ndim] = v.shape
+            flat.append(np.ascontiguousarray(v, dtype=dtype).ravel())
+            size = v.size
+        offsets[i + 1] = offsets[i] + size
+    data = np.concatenate(flat) if flat else np.zeros(0, dtype=dtype)
+    group = zarr.open_group(url, mode="w", storage_options=options)
+    group.attrs["daskmv"] = {"layout": "ragged"}
+    chunk = max(1, INNER_CHUNK_BYTES // max(1, data.dtype.itemsize))
+    shard = max(chunk, -(-max(1, data.size) // chunk) * chunk)
+    group.create_array("data", shape=data.shape, dtype=data.dtype, chunks=(chunk,), shards=(shard,),
+                       compressors=ZstdCodec(level=1))[...] = data
+    group.create_array("offsets", data=offsets)
+    group.create_array("shapes", data=shapes)
+
+
+def read_array_row(url: str, row: int, storage_options: dict[str, Any] | None = None) -> np.ndarray:
+    """One row of a stacked or ragged partition array (reads only that row's chunk)."""
+    node = zarr.open(url, mode="r", storage_options=storage_options)
+    if isinstance(node, zarr.Array):
+        return np.asarray(node[row])
+    start, stop = (int(x) for x in node["offsets"][row : row + 2])
+    shape = tuple(int(s) for s in node["shapes"][row] if s >= 0)
+    return np.asarray(node["data"][start:stop]).reshape(shape)
+
+
+def _conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    columns = []
+    for field in schema:
+        if field.name in table.column_names:
+            col = table.column(field.name)
+            columns.append(col if col.type == field.type else col.cast(field.type))
+        else:
+            columns.append(pa.nulls(table.num_rows, field.type))
+    return pa.Table.from_arrays(columns, schema=schema)
+
+
+def _csv_schema(schema: pa.Schema) -> pa.Schema:
+    return pa.schema([pa.field(f.name, _csv_type(f.type)) for f in schema])
+
+
+def _csv_type(t: pa.DataType) -> pa.DataType:
+    return pa.string() if (pa.types.is_nested(t) or pa.types.is_dictionary(t)) else t
+
+
+def _csv_table(table: pa.Table) -> pa.Table:
+    cols = []
+    for field, col in zip(table.schema, table.columns):
+        if _csv_type(field.type) != field.type:
+            cols.append(pa.array([None if v is None else json.dumps(v) for v in col.to_pylist()], pa.string()))
+        else:
+            cols.append(col)
+    return pa.Table.from_arrays(cols, schema=_csv_schema(table.schema))
+
+
+def _error_lines(table: pa.Table) -> str:
+    ids = table.column("id").to_pylist()
+    errors = table.column("error").to_pylist()
+    lines = []
+    for row_id, message in zip(ids, errors):
+        if message:
+            op, _, text = message.partition(": ")
+            lines.append(f"{row_id}\t{op}\t{text}".replace("\n", " ") + "\n")
+    return "".join(lines)
+
+
+def _lock_is_stale(held: dict[str, Any]) -> bool:
+    """A lock is stale when its process is gone; only checkable for locks taken on this host."""
+    if held.get("host") != socket.gethostname():
+        return False
+    try:
+        import psutil
+
+        return not psutil.pid_exists(int(held.get("pid", -1)))
+    except (ValueError, TypeError):
+        return True
