@@ -191,6 +191,7 @@ class _Runner:
         if partition_rows is None:
             partition_rows = auto_partition_rows(self.manifest.n_rows or 0, workers["threads"])
         binding = {**binding, "partition_rows": partition_rows}
+        self.n_partitions = self.manifest.partition_count(partition_rows)
         self.client.register_plugin(OpCache())
         self.store.prepare_arrays([o.name for o in self.pipeline.array_outputs])
         run_doc = self._run_doc(binding, workers, state="running")
@@ -330,6 +331,7 @@ class _Runner:
             "binding": binding,
             "pipeline": {"name": self.pipeline.name, "fingerprint": self.pipeline.fingerprint,
                          "steps": self.pipeline.steps()},
+            "partitions": self.n_partitions,
             "manifest": {"url": self.manifest.url, "format": self.manifest.format, "rows": self.manifest.n_rows,
                          "limit": self.manifest.limit, "columns": self.manifest.columns},
             "options": {"batch_size": self.opts.batch_size, "decode_threads": self.opts.decode_threads,

@@ -17,6 +17,7 @@ import hashlib
 import os
 import posixpath
 import re
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,6 +29,9 @@ import pandas as pd
 from fsspec.core import split_protocol
 
 from daskmv.errors import ManifestError
+
+# dask 2026.7 calls a pandas API that pandas 3.1 deprecates; nothing for a user to act on.
+warnings.filterwarnings("ignore", message="The inplace keyword in DataFrame.reset_index")
 
 ID_COLUMN = "id"
 CSV_BLOCKSIZE = "16MB"
@@ -161,6 +165,12 @@ class Manifest:
             check_scheme(f"{scheme}://")
         _refuse_duplicates(self, np.concatenate(hashes))
         return self
+
+    def partition_count(self, partition_rows: int) -> int:
+        """How many partitions :meth:`partitions` yields (known after :meth:`check`)."""
+        if self.source_lengths is None:
+            raise RuntimeError("call check() first")
+        return sum(-(-n // partition_rows) for n in self.source_lengths)
 
     def partitions(self, partition_rows: int) -> Iterator[pd.DataFrame]:
         """Yield row chunks of at most ``partition_rows`` rows, each with a string ``id`` column.

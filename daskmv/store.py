@@ -250,6 +250,40 @@ class Store:
     def mark_failed(self, index: int, doc: dict[str, Any]) -> None:
         self.write_json(f"{PARTS}/{partition_name(index)}.failed.json", {"index": index, **doc})
 
+    def status(self) -> dict[str, Any]:
+        """Done / failed / pending rows and partitions, from the files alone (works mid-run or after a kill)."""
+        run = self.read_json(RUN_JSON)
+        if run is None:
+            raise StoreError(f"{self.root} is not a daskmv output root (no {RUN_JSON})")
+        fingerprint = run["binding"]["fingerprint"]
+        n_parts = int(run.get("partitions") or 0)
+        done = {i: m for i, m in self.markers().items() if m.fingerprint == fingerprint and i < n_parts}
+        failed = {i: f for i, f in self.failures().items() if i not in done and i < n_parts}
+        total = int(run["manifest"]["rows"] or 0)
+        done_rows = sum(m.rows for m in done.values())
+        failed_rows = sum(int(f.get("rows", 0)) for f in failed.values())
+        lock = self.read_json(LOCK)
+        if lock is not None and not _lock_is_stale(lock):
+            state = "running"
+        else:
+            state = "interrupted" if run.get("state") == "running" else run.get("state", "unknown")
+        return {
+            "root": self.root,
+            "state": state,
+            "pipeline": run["pipeline"]["name"],
+            "fingerprint": fingerprint,
+            "rows": total,
+            "done": done_rows,
+            "ok": sum(m.ok for m in done.values()),
+            "error": sum(m.errors for m in done.values()),
+            "failed": failed_rows,
+            "pending": max(0, total - done_rows - failed_rows),
+            "partitions": n_parts,
+            "partitions_done": len(done),
+            "partitions_failed": sorted(failed),
+            "lock": lock,
+        }
+
     # -- arrays ------------------------------------------------------------------------------------
     def prepare_arrays(self, outputs: Sequence[str]) -> None:
         """Create the Zarr groups once, in the driver, so tasks never race on shared metadata."""

@@ -1,6 +1,7 @@
 """``torch_model``: run any torch model over resized images, in micro-batches, on the worker's device.
 
-The model is named by a TorchScript file (``model: path/to/net.pt``) or by an import path to a
+The model is named by a TorchScript file (``model: path/to/net.pt``), a ``torch.export`` program
+(``net.pt2``), or by an import path to a
 factory (``model: mypkg.nets:build``, with optional ``kwargs`` and a ``checkpoint`` state-dict file).
 Nothing is ever downloaded. The model loads once per worker process (:meth:`TorchModel.setup`); its
 output for each row is stored as one array.
@@ -12,6 +13,7 @@ import importlib
 import importlib.util
 import os
 import re
+import warnings
 from typing import Any
 
 import cv2
@@ -34,7 +36,8 @@ class TorchModel(Op):
     inputs = ("image",)
     gpu = True
     params = {
-        "model": Param(None, "TorchScript file, or import path module:factory returning an nn.Module", path=True),
+        "model": Param(None, "TorchScript file, torch.export .pt2 file, or module:factory returning an nn.Module",
+                       path=True),
         "checkpoint": Param(None, "state-dict file loaded into a factory-built model (optional)", path=True),
         "kwargs": Param({}, "keyword arguments for the factory"),
         "size": Param(224, "input size: an int or [width, height]"),
@@ -89,8 +92,12 @@ class TorchModel(Op):
 
         self.device = device
         model = self.config["model"]
-        if os.path.isfile(model):
-            net = torch.jit.load(model, map_location=device)
+        if os.path.isfile(model) and model.endswith(".pt2"):
+            net = torch.export.load(model).module()
+        elif os.path.isfile(model):
+            with warnings.catch_warnings():  # TorchScript is deprecated upstream, still what users have
+                warnings.simplefilter("ignore", DeprecationWarning)
+                net = torch.jit.load(model, map_location=device)
         else:
             module_name, _, attr = model.partition(":")
             factory = importlib.import_module(module_name)

@@ -1,0 +1,188 @@
+"""The ``daskmv`` command: run, validate, status, ops.
+
+Exit codes are a contract for scripts: 0 the run completed (row errors are summarised, not fatal),
+2 bad input or usage (nothing ran), 1 the run could not complete (running again resumes).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+import yaml
+from rich.console import Console
+from rich.table import Table
+
+from daskmv.errors import DaskmvError, UsageError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Batch-process manifests of images and videos on Dask clusters.")
+err = Console(stderr=True)
+out = Console()
+
+#: Run settings a --config YAML file may hold (dashes or underscores); command-line flags win.
+CONFIG_KEYS = {
+    "pipeline", "out", "cluster", "workers", "threads_per_worker", "partition_rows", "batch_size",
+    "decode_threads", "path_column", "id_column", "limit", "overwrite", "retry_errors", "retries",
+    "retry_delay", "window", "require_gpu", "progress", "storage_options", "cluster_kwargs",
+}
+
+
+def _fail(exc: DaskmvError) -> typer.Exit:
+    err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+    return typer.Exit(exc.exit_code)
+
+
+def _read_config(path: Optional[Path]) -> dict[str, Any]:
+    if path is None:
+        return {}
+    try:
+        doc = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise UsageError(f"cannot read --config {path}: {exc}") from None
+    if not isinstance(doc, dict):
+        raise UsageError(f"--config {path} must be a mapping of settings")
+    doc = {str(k).replace("-", "_"): v for k, v in doc.items()}
+    unknown = sorted(set(doc) - CONFIG_KEYS)
+    if unknown:
+        raise UsageError(f"--config {path}: unknown setting(s) {', '.join(unknown)} "
+                         f"(known: {', '.join(sorted(CONFIG_KEYS))})")
+    if isinstance(doc.get("pipeline"), str) and doc["pipeline"].endswith((".yaml", ".yml")):
+        candidate = path.parent / doc["pipeline"]
+        if candidate.exists():
+            doc["pipeline"] = str(candidate)
+    return doc
+
+
+@app.command()
+def run(
+    manifest: str = typer.Argument(..., help="CSV or Parquet manifest: a path or any fsspec URL."),
+    pipeline: Optional[str] = typer.Option(None, "--pipeline", "-p", help="Comma list of ops, or a pipeline YAML file."),
+    out_dir: Optional[str] = typer.Option(None, "--out", "-o", help="Output root (path or fsspec URL)."),
+    cluster: Optional[str] = typer.Option(None, help="'local' (default) or a scheduler address tcp://host:port."),
+    workers: Optional[int] = typer.Option(None, help="Local worker processes (default: one per core, or per GPU)."),
+    partition_rows: Optional[int] = typer.Option(None, help="Rows per task (default: automatic, at most 256)."),
+    batch_size: Optional[int] = typer.Option(None, help="Rows per micro-batch inside a task (default 32)."),
+    path_column: Optional[str] = typer.Option(None, help="Column with file paths (default 'path')."),
+    id_column: Optional[str] = typer.Option(None, help="Column with row ids (default: 'id', else derived from paths)."),
+    config: Optional[Path] = typer.Option(None, help="YAML file of run settings; flags override it."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace what a previous run left in --out."),
+    retry_errors: bool = typer.Option(False, "--retry-errors", help="Recompute only rows whose status is error."),
+    limit: Optional[int] = typer.Option(None, help="Run only the first N rows."),
+    retries: Optional[int] = typer.Option(None, help="Retries of a failed partition, with back-off (default 3)."),
+    decode_threads: Optional[int] = typer.Option(None, help="File read/decode threads per worker (default 2)."),
+    require_gpu: bool = typer.Option(False, "--require-gpu", help="Refuse to run GPU ops on CPU workers."),
+    progress: Optional[str] = typer.Option(None, help="auto, bar, log or none."),
+) -> None:
+    """Run a pipeline over every row of MANIFEST, writing outputs and a new manifest into --out."""
+    from daskmv.engine import run as run_pipeline
+
+    try:
+        settings = _read_config(config)
+        flags = {
+            "pipeline": pipeline, "out": out_dir, "cluster": cluster, "workers": workers,
+            "partition_rows": partition_rows, "batch_size": batch_size, "path_column": path_column,
+            "id_column": id_column, "limit": limit, "retries": retries, "decode_threads": decode_threads,
+            "progress": progress,
+        }
+        settings.update({k: v for k, v in flags.items() if v is not None})
+        for key, value in (("overwrite", overwrite), ("retry_errors", retry_errors), ("require_gpu", require_gpu)):
+            if value:
+                settings[key] = True
+        spec = settings.pop("pipeline", None)
+        root = settings.pop("out", None)
+        if not spec:
+            raise UsageError("no pipeline: give --pipeline resize,stats (see `daskmv ops`) or a YAML file")
+        if not root:
+            raise UsageError("no output root: give --out DIR")
+        result = run_pipeline(manifest, spec, root, **settings)
+    except DaskmvError as exc:
+        raise _fail(exc) from None
+    except KeyboardInterrupt:
+        err.print("[bold red]interrupted:[/] finished partitions are kept; run the same command to resume")
+        raise typer.Exit(1) from None
+    out.print(f"[bold green]done:[/] {result.summary()}", highlight=False, soft_wrap=True)
+    if result.counts.get("error"):
+        out.print(f"row errors are listed in {result.out}/errors.log", highlight=False, soft_wrap=True)
+
+
+@app.command()
+def validate(
+    manifest: str = typer.Argument(..., help="CSV or Parquet manifest: a path or any fsspec URL."),
+    pipeline: Optional[str] = typer.Option(None, "--pipeline", "-p", help="Also check this pipeline's inputs."),
+    path_column: str = typer.Option("path", help="Column with file paths."),
+    id_column: Optional[str] = typer.Option(None, help="Column with row ids."),
+) -> None:
+    """Run the pre-flight checks alone: columns, ids, URL schemes, and the pipeline's inputs."""
+    from daskmv.manifest import read_manifest
+    from daskmv.pipeline import Pipeline
+
+    try:
+        m = read_manifest(manifest, path_column=path_column, id_column=id_column)
+        lines = [f"manifest {m.url}: {m.n_rows:,} rows, {m.format}, columns {', '.join(m.columns)}",
+                 f"ids: {'column ' + repr(m.id_column) if m.id_column else 'derived from ' + repr(m.path_column)}"]
+        if pipeline:
+            p = Pipeline.parse(pipeline)
+            replaced = p.validate(m.columns, m.path_column)
+            lines.append(f"pipeline {p.name} ({p.fingerprint}): inputs ok; outputs {', '.join(p.output_columns)}")
+            if replaced:
+                lines.append(f"note: outputs replace the manifest column(s) {', '.join(replaced)}")
+    except DaskmvError as exc:
+        raise _fail(exc) from None
+    for line in lines:
+        out.print(line, highlight=False, soft_wrap=True)
+    out.print("[bold green]ok[/]")
+
+
+@app.command()
+def status(
+    root: str = typer.Argument(..., help="An output root."),
+    as_json: bool = typer.Option(False, "--json", help="Print the status as JSON."),
+) -> None:
+    """Done, failed and pending rows of an output root: during a run, after it, or after a crash."""
+    from daskmv.store import Store
+
+    try:
+        info = Store(root).status()
+    except DaskmvError as exc:
+        raise _fail(exc) from None
+    if as_json:
+        out.print_json(json.dumps(info, default=str))
+        return
+    out.print(f"[bold]{info['root']}[/]: {info['state']}; pipeline {info['pipeline']} ({info['fingerprint']})",
+              highlight=False, soft_wrap=True)
+    out.print(f"rows {info['rows']:,}: done {info['done']:,} (ok {info['ok']:,}, error {info['error']:,}), "
+              f"failed {info['failed']:,}, pending {info['pending']:,}", highlight=False)
+    failed = f", failed {len(info['partitions_failed'])}" if info["partitions_failed"] else ""
+    out.print(f"partitions {info['partitions_done']:,}/{info['partitions']:,} done{failed}", highlight=False)
+
+
+@app.command("ops")
+def list_ops() -> None:
+    """List every op with its inputs, outputs and parameters."""
+    from daskmv.ops import LOADER_INPUTS, REGISTRY
+
+    table = Table(show_lines=True)
+    for column in ("op", "inputs", "outputs", "parameters"):
+        table.add_column(column)
+    for name in sorted(REGISTRY):
+        op = REGISTRY[name]
+        outputs = "\n".join(f"{o.column} ({o.dtype}{', array' if o.kind == 'array' else ''})" for o in op.outputs)
+        params = "\n".join(f"{k}={v.default!r}: {v.help}" for k, v in op.params.items()) or "-"
+        title = f"[bold]{name}[/]{' (gpu)' if op.gpu else ''}\n{op.help}"
+        table.add_row(title, ", ".join(op.inputs), outputs or "(set by parameters)", params)
+    out.print(table)
+    out.print("Inputs made from each row's file: " + "; ".join(f"{k}: {v}" for k, v in LOADER_INPUTS.items()))
+    out.print("A user op is named by import path, e.g. --pipeline mypkg.ops:Blur")
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    app()
+
+
+if __name__ == "__main__":
+    main()

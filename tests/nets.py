@@ -1,0 +1,23 @@
+"""Tiny, randomly initialised networks for the torch_model tests (built here, never downloaded)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class TinyCNN(nn.Module):
+    """[N, 3, H, W] -> [N, dim]: two convolutions, global average pooling, a linear layer."""
+
+    def __init__(self, dim: int = 8, seed: int = 0) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.body = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 3, stride=2), nn.ReLU())
+        self.head = nn.Linear(16, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x).mean(dim=(2, 3)))
+
+
+def tiny_cnn(dim: int = 8, seed: int = 0) -> TinyCNN:
+    return TinyCNN(dim=dim, seed=seed)

@@ -1,0 +1,129 @@
+"""Manifests: formats, URLs, ids, pre-flight errors, partitioning."""
+
+from __future__ import annotations
+
+import fsspec
+import pandas as pd
+import pytest
+
+from daskmv.errors import ManifestError
+from daskmv.manifest import derive_id, read_manifest, resolve_path
+
+
+def write(tmp_path, frame, name="m.csv"):
+    path = tmp_path / name
+    if name.endswith(".csv"):
+        frame.to_csv(path, index=False)
+    else:
+        frame.to_parquet(path, index=False)
+    return str(path)
+
+
+@pytest.mark.parametrize("name", ["m.csv", "m.parquet"])
+def test_reads_csv_and_parquet_with_derived_ids(tmp_path, name):
+    frame = pd.DataFrame({"path": [f"a/{i}.jpg" for i in range(10)], "label": range(10)})
+    m = read_manifest(write(tmp_path, frame, name))
+    assert m.n_rows == 10 and m.format == name.split(".")[1]
+    assert m.id_column is None
+    rows = pd.concat(m.partitions(4))
+    assert rows["id"].tolist() == [derive_id(f"a/{i}.jpg") for i in range(10)]
+    assert rows["label"].tolist() == list(range(10))
+    assert list(rows.columns)[:2] == ["id", "path"]
+
+
+def test_derived_ids_are_stable_readable_and_distinct():
+    assert derive_id("x/img 01.jpg") == derive_id("x/img 01.jpg")
+    assert derive_id("x/img 01.jpg").startswith("img_01-")
+    assert derive_id("a/0001.jpg") != derive_id("b/0001.jpg")
+    assert "/" not in derive_id("../../etc/passwd")
+
+
+def test_id_column_and_existing_id_column(tmp_path):
+    frame = pd.DataFrame({"path": ["a.jpg", "b.jpg"], "key": [7, 8]})
+    m = read_manifest(write(tmp_path, frame), id_column="key")
+    assert pd.concat(m.partitions(10))["id"].tolist() == ["7", "8"]
+    frame = pd.DataFrame({"id": ["x", "y"], "path": ["a.jpg", "b.jpg"]})
+    m = read_manifest(write(tmp_path, frame, "n.csv"))
+    assert m.id_column == "id"
+    assert pd.concat(m.partitions(10))["id"].tolist() == ["x", "y"]
+
+
+def test_memory_and_file_urls(tmp_path):
+    frame = pd.DataFrame({"path": ["p/1.jpg", "p/2.jpg", "p/3.jpg"]})
+    with fsspec.open("memory://manifests/m.parquet", "wb") as fh:
+        frame.to_parquet(fh, index=False)
+    m = read_manifest("memory://manifests/m.parquet")
+    assert m.n_rows == 3
+    assert m.resolve("p/1.jpg") == "memory://manifests/p/1.jpg"
+    with fsspec.open("memory://manifests/m.csv", "w") as fh:
+        frame.to_csv(fh, index=False)
+    assert read_manifest("memory://manifests/m.csv").n_rows == 3
+    local = write(tmp_path, frame)
+    m = read_manifest(f"file://{local}")
+    assert m.n_rows == 3
+    assert m.resolve("p/1.jpg") == str(tmp_path / "p/1.jpg")
+
+
+def test_relative_paths_resolve_against_the_manifest_folder(tmp_path):
+    frame = pd.DataFrame({"path": ["rel/a.jpg", "/abs/b.jpg", "s3://bucket/c.jpg"]})
+    (tmp_path / "sub").mkdir()
+    m = read_manifest(write(tmp_path / "sub", frame), check=False)
+    assert m.resolve("rel/a.jpg") == str(tmp_path / "sub" / "rel/a.jpg")
+    assert m.resolve("/abs/b.jpg") == "/abs/b.jpg"
+    assert m.resolve("s3://bucket/c.jpg") == "s3://bucket/c.jpg"
+    assert resolve_path("x.jpg", "memory://root") == "memory://root/x.jpg"
+
+
+@pytest.mark.parametrize(
+    ("frame", "kwargs", "message"),
+    [
+        (pd.DataFrame({"file": ["a.jpg"]}), {}, "has no column 'path'"),
+        (pd.DataFrame({"path": ["a.jpg"]}), {"id_column": "key"}, "has no column 'key'"),
+        (pd.DataFrame({"path": ["a.jpg", "b.jpg", "a.jpg"]}), {}, "duplicate paths"),
+        (pd.DataFrame({"path": ["a.jpg", "b.jpg"], "key": [1, 1]}), {"id_column": "key"}, "duplicate ids in column 'key': '1'"),
+        (pd.DataFrame({"path": pd.Series([], dtype=str)}), {}, "has no rows"),
+        (pd.DataFrame({"path": ["a.jpg", "foo://b.jpg"]}), {}, "unknown URL scheme 'foo://'"),
+        (pd.DataFrame({"path": ["a.jpg", None]}), {}, "column 'path' is empty in row 1"),
+    ],
+)
+def test_preflight_errors_are_one_clear_line(tmp_path, frame, kwargs, message):
+    with pytest.raises(ManifestError, match=message.replace("(", r"\(")) as info:
+        read_manifest(write(tmp_path, frame, "m.parquet"), **kwargs)
+    assert "\n" not in str(info.value)
+
+
+def test_unknown_schemes_missing_files_and_formats(tmp_path):
+    with pytest.raises(ManifestError, match="unknown URL scheme 'nope://'"):
+        read_manifest("nope://bucket/m.csv")
+    with pytest.raises(ManifestError, match="manifest not found"):
+        read_manifest(str(tmp_path / "absent.csv"))
+    (tmp_path / "m.txt").write_text("path\na.jpg\n")
+    with pytest.raises(ManifestError, match="unknown format"):
+        read_manifest(str(tmp_path / "m.txt"))
+    (tmp_path / "broken.parquet").write_bytes(b"PAR1 this is not parquet")
+    with pytest.raises(ManifestError, match="cannot read manifest"):
+        read_manifest(str(tmp_path / "broken.parquet"))
+
+
+def test_limit_and_stable_partitions(tmp_path):
+    frame = pd.DataFrame({"path": [f"{i}.jpg" for i in range(23)]})
+    url = write(tmp_path, frame)
+    m = read_manifest(url, limit=10)
+    assert m.n_rows == 10
+    parts = list(m.partitions(4))
+    assert [len(p) for p in parts] == [4, 4, 2]
+    assert m.partition_count(4) == 3
+    again = [p["id"].tolist() for p in read_manifest(url, limit=10).partitions(4)]
+    assert again == [p["id"].tolist() for p in parts]
+    with pytest.raises(ManifestError):
+        read_manifest(url, limit=0)
+
+
+def test_parquet_directory_of_several_files_keeps_order(tmp_path):
+    folder = tmp_path / "many"
+    folder.mkdir()
+    for k in range(3):
+        pd.DataFrame({"path": [f"{k}-{i}.jpg" for i in range(5)]}).to_parquet(folder / f"part-{k}.parquet")
+    m = read_manifest(str(folder))
+    assert m.n_rows == 15
+    assert pd.concat(m.partitions(100))["path"].tolist() == [f"{k}-{i}.jpg" for k in range(3) for i in range(5)]
