@@ -107,7 +107,11 @@ class TorchModel(Op):
             if self.config["checkpoint"]:
                 state = torch.load(self.config["checkpoint"], map_location="cpu", weights_only=True)
                 net.load_state_dict(state)
-        self.model = net.eval().to(device)
+        try:
+            net = net.eval()
+        except NotImplementedError:  # torch.export modules are traced in eval mode and refuse eval()
+            pass
+        self.model = net.to(device)
         self.mean = torch.tensor(self.config["mean"], device=device).view(1, 3, 1, 1)
         self.std = torch.tensor(self.config["std"], device=device).view(1, 3, 1, 1)
 
