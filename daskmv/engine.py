@@ -276,7 +276,10 @@ class _Runner:
                     return
                 time.sleep(min(0.5, max(0.0, self.waiting[0][0] - time.monotonic())) if self.waiting else 0.05)
                 continue
-            done, _ = wait(list(self.in_flight), timeout=0.5, return_when="FIRST_COMPLETED")
+            try:
+                done, _ = wait(list(self.in_flight), timeout=0.5, return_when="FIRST_COMPLETED")
+            except TimeoutError:  # nothing finished yet; go round to submit retries that are due
+                continue
             for future in done:
                 self._collect(future)
 

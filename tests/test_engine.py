@@ -1,0 +1,269 @@
+"""End-to-end runs on a real LocalCluster of 2 worker processes, real files and real Zarr on disk."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+import pytest
+
+import daskmv
+from conftest import BAD_FILES, N_GOOD
+from daskmv.data import load_output
+from daskmv.errors import PipelineError, StoreError
+from daskmv.ops.core import stats_reference
+from daskmv.store import Store
+
+pytestmark = pytest.mark.slow
+
+
+def reference_image(path: Path) -> np.ndarray:
+    return cv2.cvtColor(cv2.imread(str(path), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+
+
+@pytest.fixture(scope="module")
+def finished(dataset, client, tmp_path_factory):
+    """One complete resize,stats run over the CSV manifest (300 good images, 4 bad rows)."""
+    out = tmp_path_factory.mktemp("run") / "out"
+    result = daskmv.run(str(dataset / "manifest.csv"), "decode,resize,stats", str(out), client=client,
+                        partition_rows=32, progress="none")
+    return result, out
+
+
+def test_every_row_once_with_right_outputs_and_clear_errors(finished, dataset):
+    result, out = finished
+    frame = pd.read_parquet(out / "manifest.parquet")
+    source = pd.read_csv(dataset / "manifest.csv")
+    assert len(frame) == len(source) == N_GOOD + len(BAD_FILES)
+    assert frame["id"].is_unique
+    assert frame["path"].tolist() == source["path"].tolist()  # input order kept
+    assert frame["label"].tolist() == source["label"].tolist()
+    assert result.counts == {"rows": len(source), "ok": N_GOOD, "error": len(BAD_FILES)}
+
+    bad = frame[frame["status"] == "error"].set_index("path")
+    assert sorted(bad.index) == sorted(BAD_FILES)
+    assert "probably truncated or corrupt" in bad.loc["bad/truncated.jpg", "error"]
+    assert bad.loc["bad/not_an_image.jpg", "error"].startswith("read: cannot decode image")
+    assert bad.loc["bad/empty.jpg", "error"].startswith("read: empty file (0 bytes)")
+    assert bad.loc["bad/missing.jpg", "error"].startswith("read: file not found")
+    assert bad["resized_path"].isna().all() and bad["mean_r"].isna().all()
+
+    good = frame[frame["status"] == "ok"]
+    assert good["error"].isna().all() and (good["seconds"] > 0).all()
+    manifest = str(out / "manifest.parquet")
+    for _, row in good.sample(40, random_state=0).iterrows():
+        image = reference_image(dataset / row["path"])
+        assert (row["width"], row["height"], row["channels"]) == (image.shape[1], image.shape[0], 3)
+        assert row["format"] == ("png" if row["path"].endswith(".png") else "jpeg")
+        resized = load_output(manifest, row["id"], "resized")
+        assert resized.dtype == np.uint8
+        assert (resized == cv2.resize(image, (224, 224), interpolation=cv2.INTER_AREA)).all()
+        ref = stats_reference(image)
+        for key, value in ref.items():
+            assert row[key] == pytest.approx(value, rel=1e-5, abs=1e-3)
+
+
+def test_output_root_layout(finished, dataset):
+    _, out = finished
+    top = sorted(p.name for p in out.iterdir())
+    assert top == ["errors.log", "manifest.csv", "manifest.parquet", "outputs.zarr", "parts", "run.json"]
+    n_parts = -(-(N_GOOD + len(BAD_FILES)) // 32)
+    parts = sorted(p.name for p in (out / "parts").iterdir())
+    assert parts == sorted([f"p{i:06d}.parquet" for i in range(n_parts)] + [f"p{i:06d}.json" for i in range(n_parts)])
+    arrays = sorted(p.name for p in (out / "outputs.zarr" / "resized").iterdir() if p.is_dir())
+    assert arrays == [f"p{i:06d}" for i in range(n_parts)]
+    # Files grow with partitions, not rows: one data file per partition array.
+    chunk_files = [f for f in (out / "outputs.zarr" / "resized").rglob("*") if f.is_file() and f.name != "zarr.json"]
+    assert len(chunk_files) == n_parts
+    run = json.loads((out / "run.json").read_text())
+    assert run["state"] == "complete" and run["counts"]["rows"] == N_GOOD + len(BAD_FILES)
+    assert run["binding"]["partition_rows"] == 32 and run["partitions"] == n_parts
+    assert run["pipeline"]["steps"][1] == {"op": "resize", "params": {"size": [224, 224], "interpolation": "area"}}
+    assert "dask" in run["versions"] and "zarr" in run["versions"]
+    log_lines = (out / "errors.log").read_text().splitlines()
+    assert len(log_lines) == len(BAD_FILES)
+    assert all(line.split("\t")[1] == "read" for line in log_lines)
+
+
+def test_csv_twin_matches_parquet(finished):
+    _, out = finished
+    frame = pd.read_parquet(out / "manifest.parquet")
+    twin = pd.read_csv(out / "manifest.csv")
+    assert twin["id"].tolist() == frame["id"].tolist()
+    assert twin["resized_path"].fillna("").tolist() == frame["resized_path"].fillna("").tolist()
+    np.testing.assert_allclose(twin["sharpness"].to_numpy(), frame["sharpness"].to_numpy(), rtol=1e-9)
+
+
+def test_moved_root_still_reads(finished, tmp_path):
+    _, out = finished
+    moved = tmp_path / "moved"
+    shutil.copytree(out, moved)
+    frame = pd.read_parquet(moved / "manifest.parquet")
+    row = frame[frame["status"] == "ok"].iloc[3]
+    a = load_output(str(moved / "manifest.parquet"), row["id"], "resized")
+    b = load_output(str(out / "manifest.parquet"), row["id"], "resized_path")
+    assert (a == b).all()
+    with pytest.raises(KeyError):
+        load_output(str(moved / "manifest.parquet"), "no-such-id", "resized")
+    bad = frame[frame["status"] == "error"].iloc[0]
+    with pytest.raises(ValueError, match="no 'resized' output"):
+        load_output(str(moved / "manifest.parquet"), bad["id"], "resized")
+
+
+def test_rerun_resumes_everything_and_refuses_another_pipeline(finished, dataset, client):
+    result, out = finished
+    before = (out / "manifest.parquet").read_bytes()
+    again = daskmv.run(str(dataset / "manifest.csv"), "decode,resize,stats", str(out), client=client, progress="none")
+    assert again.computed_partitions == [] and len(again.skipped_partitions) == len(result.computed_partitions)
+    assert pd.read_parquet(out / "manifest.parquet").equals(pd.read_parquet(pd.io.common.BytesIO(before)))
+    with pytest.raises(StoreError, match="made by a different run .*fingerprint"):
+        daskmv.run(str(dataset / "manifest.csv"), "decode,resize", str(out), client=client, progress="none")
+    with pytest.raises(StoreError, match="partition-rows 32"):
+        daskmv.run(str(dataset / "manifest.csv"), "decode,resize,stats", str(out), client=client,
+                   partition_rows=64, progress="none")
+
+
+def test_limit_overwrite_and_parquet_input(dataset, client, tmp_path):
+    out = tmp_path / "limited"
+    r = daskmv.run(str(dataset / "manifest.parquet"), "resize", str(out), client=client, limit=16, progress="none")
+    assert r.counts["rows"] == 16 and not (out / "manifest.csv").exists()
+    first = pd.read_parquet(out / "manifest.parquet")
+    assert first["path"].tolist() == pd.read_parquet(dataset / "manifest.parquet")["path"].tolist()[:16]
+    r = daskmv.run(str(dataset / "manifest.parquet"), [{"resize": {"size": 32}}], str(out), client=client,
+                   limit=8, overwrite=True, progress="none")
+    frame = pd.read_parquet(out / "manifest.parquet")
+    assert len(frame) == 8
+    assert load_output(str(out / "manifest.parquet"), frame["id"][0], "resized").shape == (32, 32, 3)
+
+
+def test_lock_refuses_a_second_run_and_stale_locks_are_taken_over(dataset, client, tmp_path):
+    out = tmp_path / "locked"
+    out.mkdir()
+    (out / "run.lock").write_text(json.dumps({"host": os.uname().nodename, "pid": os.getppid(), "started": "x"}))
+    with pytest.raises(StoreError, match="in use by a run"):
+        daskmv.run(str(dataset / "manifest.csv"), "resize", str(out), client=client, limit=4, progress="none")
+    (out / "run.lock").write_text(json.dumps({"host": os.uname().nodename, "pid": 2**22 + 12345, "started": "x"}))
+    r = daskmv.run(str(dataset / "manifest.csv"), "resize", str(out), client=client, limit=4, progress="none")
+    assert r.counts["ok"] == 4 and not (out / "run.lock").exists()
+
+
+def test_hostile_ids_and_paths_never_write_outside_the_root(client, tmp_path):
+    images = tmp_path / "imgs"
+    images.mkdir()
+    cv2.imwrite(str(images / "a.png"), np.zeros((8, 8, 3), np.uint8))
+    ids = ["../../escape", "/abs/olute", "..", "a/../../b", "x\\..\\y", "ok"]
+    paths = [str(images / "a.png"), "../imgs/a.png", str(images / "a.png"), "/etc/passwd", "imgs/a.png",
+             "../../../../../../etc/hostname"]
+    frame = pd.DataFrame({"id": ids, "path": paths})
+    (tmp_path / "m").mkdir()
+    frame.to_csv(tmp_path / "m" / "manifest.csv", index=False)
+    out = tmp_path / "m" / "out"
+    before = {p for p in tmp_path.rglob("*")}
+    r = daskmv.run(str(tmp_path / "m" / "manifest.csv"), "resize", str(out), client=client, progress="none")
+    assert r.counts["rows"] == len(ids)
+    created = {p for p in tmp_path.rglob("*")} - before
+    assert created and all(out in p.parents or p == out for p in created)
+    frame = pd.read_parquet(out / "manifest.parquet")
+    assert frame["id"].tolist() == ids
+
+
+def test_row_errors_from_ops_and_batch_isolation(dataset, client, tmp_path):
+    out = tmp_path / "flaky"
+    r = daskmv.run(str(dataset / "manifest.parquet"), "testops:Flaky,testops:RaisesInBatch", str(out),
+                   client=client, batch_size=8, progress="none")
+    frame = pd.read_parquet(out / "manifest.parquet")
+    zero = frame["label"] == 0
+    assert (frame.loc[zero, "status"] == "error").all()
+    assert frame.loc[zero, "error"].str.startswith("testops:Flaky: ValueError: label 0 is not allowed").all()
+    assert (frame.loc[~zero, "status"] == "ok").all()
+    assert (frame.loc[~zero, "triple"] == 3 * frame.loc[~zero, "label"]).all()
+    assert r.counts["error"] == int(zero.sum())
+    # The batch-level exception is pinned on the row that caused it, not on its batch mates.
+    out2 = tmp_path / "batch"
+    daskmv.run(str(dataset / "manifest.parquet"), "testops:RaisesInBatch", str(out2), client=client,
+               batch_size=8, progress="none")
+    frame = pd.read_parquet(out2 / "manifest.parquet")
+    zero = frame["label"] == 0
+    assert frame.loc[zero, "error"].str.contains("ZeroDivisionError: label 0 in this batch").all()
+    assert (frame.loc[~zero, "status"] == "ok").all()
+
+
+@pytest.mark.parametrize("kind", ["memory", "cuda"])
+def test_out_of_memory_halves_the_batch(dataset, client, tmp_path, kind):
+    out = tmp_path / f"oom-{kind}"
+    daskmv.run(str(dataset / "manifest.parquet"), [{"testops:MemoryHungry": {"fits": 5, "kind": kind}}], str(out),
+               client=client, batch_size=32, partition_rows=64, progress="none")
+    frame = pd.read_parquet(out / "manifest.parquet")
+    assert (frame["status"] == "ok").all()
+    assert frame["batch"].max() <= 5 and frame["batch"].max() >= 4
+    markers = [json.loads(p.read_text()) for p in (out / "parts").glob("p*.json")]
+    assert sum(m["oom_backoffs"] for m in markers) > 0
+    assert all(m["batch_limits"].get("testops:MemoryHungry", 32) <= 5 for m in markers if m["oom_backoffs"])
+    row = frame.iloc[17]
+    assert (load_output(str(out / "manifest.parquet"), row["id"], "plus_one") == row["label"] + 1).all()
+
+
+def test_out_of_memory_at_batch_of_one_is_a_row_error(dataset, client, tmp_path):
+    out = tmp_path / "oom1"
+    daskmv.run(str(dataset / "manifest.parquet"), [{"testops:MemoryHungry": {"fits": 0}}], str(out),
+               client=client, limit=6, progress="none")
+    frame = pd.read_parquet(out / "manifest.parquet")
+    assert (frame["status"] == "error").all()
+    assert frame["error"].str.contains("out of memory even with a batch of one row").all()
+
+
+def test_ragged_arrays(dataset, client, tmp_path):
+    out = tmp_path / "ragged"
+    daskmv.run(str(dataset / "manifest.parquet"), "testops:Ragged", str(out), client=client, limit=20,
+               progress="none")
+    frame = pd.read_parquet(out / "manifest.parquet")
+    for _, row in frame.iterrows():
+        seq = load_output(str(out / "manifest.parquet"), row["id"], "seq")
+        assert seq.shape == (1, row["label"] + 1) and seq.dtype == np.float32
+        assert (seq[0] == np.arange(row["label"] + 1)).all()
+
+
+def test_retry_errors_recomputes_only_error_rows(dataset, client, tmp_path):
+    folder = tmp_path / "data"
+    shutil.copytree(dataset, folder)
+    out = tmp_path / "retry"
+    daskmv.run(str(folder / "manifest.csv"), "resize", str(out), client=client, partition_rows=32, progress="none")
+    first = pd.read_parquet(out / "manifest.parquet")
+    cv2.imwrite(str(folder / "bad/missing.jpg"), np.full((10, 10, 3), 7, np.uint8))
+    r = daskmv.run(str(folder / "manifest.csv"), "resize", str(out), client=client, retry_errors=True,
+                   progress="none")
+    second = pd.read_parquet(out / "manifest.parquet")
+    bad_partitions = sorted({int(i) // 32 for i in first.index[first["status"] == "error"]})
+    assert r.computed_partitions == bad_partitions
+    fixed = second["path"] == "bad/missing.jpg"
+    assert (second.loc[fixed, "status"] == "ok").all()
+    assert second.loc[fixed, "resized_path"].str.contains("-r1#").all()
+    assert (load_output(str(out / "manifest.parquet"), second.loc[fixed, "id"].iloc[0], "resized") == 7).all()
+    unchanged = ~fixed
+    cols = ["id", "status", "error", "resized_path"]
+    assert second.loc[unchanged, cols].equals(first.loc[unchanged, cols])
+    status = Store(str(out)).status()
+    assert status["ok"] == N_GOOD + 1 and status["error"] == len(BAD_FILES) - 1 and status["pending"] == 0
+
+
+def test_gpu_ops_run_on_cpu_workers_when_no_gpu_is_declared(dataset, client, tmp_path):
+    out = tmp_path / "gpu-on-cpu"
+    r = daskmv.run(str(dataset / "manifest.parquet"), "testops:WhereAmI", str(out), client=client, limit=40,
+                   progress="none")
+    assert r.counts["ok"] == 40
+    with pytest.raises(daskmv.RunError, match="no worker declares a GPU"):
+        daskmv.run(str(dataset / "manifest.parquet"), "testops:WhereAmI", str(tmp_path / "x"), client=client,
+                   limit=4, require_gpu=True, progress="none")
+
+
+def test_bad_pipeline_is_refused_before_any_work(dataset, client, tmp_path):
+    out = tmp_path / "never"
+    with pytest.raises(PipelineError, match="reads files but the manifest has no column 'nope'"):
+        daskmv.run(str(dataset / "manifest.csv"), "resize", str(out), client=client, path_column="nope",
+                   progress="none", id_column="path")
+    assert not out.exists()
