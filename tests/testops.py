@@ -145,3 +145,17 @@ class BadRow(Op):
 
     def process(self, rows):
         raise RowError("always")
+
+
+class CountRuns(Op):
+    """Appends one line per processed row to ``log`` (outside the output root), to count re-runs."""
+
+    name = "testops:CountRuns"
+    inputs = ("label",)
+    outputs = (Output("counted", "column", "bool"),)
+    params = {"log": Param("", "file to append row ids to")}
+
+    def process(self, rows):
+        with open(self.config["log"], "a") as fh:
+            fh.write("".join(f"{row['id']}\t{os.getpid()}\n" for row in rows))
+        return [{"counted": True} for _ in rows]
