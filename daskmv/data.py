@@ -93,7 +93,9 @@ class ManifestDataset(_DatasetBase):  # type: ignore[misc,valid-type]
         item: dict[str, Any] = {"id": row["id"]} if self.with_id else {}
         for name, column in self._kinds.items():
             value = row[column]
-            if column != name:
+            if column != name and (value is None or value != value):  # an error row has no array
+                value = None
+            elif column != name:
                 url, r = resolve_ref(self.manifest_path, value)
                 value = read_array_row(url, r)
             elif isinstance(value, np.generic):
