@@ -22,6 +22,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import dask
 import dask.dataframe as dd
 import fsspec
 import numpy as np
@@ -125,7 +126,9 @@ class Manifest:
         """Yield the source partitions in order, read in this process, truncated to ``limit``."""
         ddf = self.ddf[list(columns)] if columns is not None else self.ddf
         remaining = self.limit
-        for part in ddf.to_delayed():
+        with dask.config.set(scheduler="sync"):  # in this process, even when a Client is the default
+            parts = ddf.to_delayed()
+        for part in parts:
             if remaining is not None and remaining <= 0:
                 return
             try:
@@ -289,16 +292,21 @@ def _parent(url: str) -> str:
 
 
 def _read_ddf(url: str, fmt: str, storage_options: dict[str, Any]) -> dd.DataFrame:
+    """The manifest as a Dask dataframe, planned in this process (``memory://`` is per process)."""
     try:
-        if fmt == "csv":
-            compressed = not url.lower().endswith((".csv", ".tsv"))
-            sep = "\t" if url.lower().endswith(".tsv") else ","
-            return dd.read_csv(
-                url,
-                blocksize=None if compressed else CSV_BLOCKSIZE,
-                sep=sep,
-                storage_options=storage_options or None,
-            )
-        return dd.read_parquet(url, storage_options=storage_options or None, split_row_groups="adaptive")
+        with dask.config.set(scheduler="sync"):
+            return _read_ddf_here(url, fmt, storage_options)
+    except ManifestError:
+        raise
     except Exception as exc:
         raise ManifestError(f"cannot read manifest {url}: {type(exc).__name__}: {exc}") from None
+
+
+def _read_ddf_here(url: str, fmt: str, storage_options: dict[str, Any]) -> dd.DataFrame:
+    options = storage_options or None
+    if fmt == "parquet":
+        return dd.read_parquet(url, storage_options=options, split_row_groups="adaptive")
+    lower = url.lower()
+    compressed = not lower.endswith((".csv", ".tsv"))  # compressed CSV cannot be split into blocks
+    return dd.read_csv(url, blocksize=None if compressed else CSV_BLOCKSIZE, sep="\t" if lower.endswith(".tsv") else ",",
+                       storage_options=options)

@@ -267,3 +267,17 @@ def test_bad_pipeline_is_refused_before_any_work(dataset, client, tmp_path):
         daskmv.run(str(dataset / "manifest.csv"), "resize", str(out), client=client, path_column="nope",
                    progress="none", id_column="path")
     assert not out.exists()
+
+
+def test_memory_url_manifest_end_to_end(dataset, client, tmp_path):
+    import fsspec
+
+    frame = pd.read_csv(dataset / "manifest.csv").iloc[:40]
+    frame["path"] = [str(dataset / p) for p in frame["path"]]  # workers are other processes: absolute paths
+    with fsspec.open("memory://e2e/manifest.parquet", "wb") as fh:
+        frame.to_parquet(fh, index=False)
+    out = tmp_path / "mem"
+    r = daskmv.run("memory://e2e/manifest.parquet", "resize,stats", str(out), client=client, progress="none")
+    assert r.counts == {"rows": 40, "ok": 40, "error": 0}
+    got = pd.read_parquet(out / "manifest.parquet")
+    assert got["path"].tolist() == frame["path"].tolist()
