@@ -382,7 +382,7 @@ def result_table(specs: Sequence[Output], rows: pd.DataFrame, outputs: Sequence[
     for spec in specs:
         values = [out.get(spec.name) if err is None else None for out, err in zip(outputs, errors)]
         if spec.kind == "array":
-            refs = store.write_array(spec.name, task.index, task.generation, values)
+            refs = store.write_array(spec.name, task.index, task.generation, values, spec.compression)
             table = table.append_column(spec.column, pa.array(refs, pa.string()))
         else:
             table = table.append_column(spec.column, pa.array(values, _arrow_type(spec)))

@@ -35,7 +35,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import zarr
 from fsspec.core import url_to_fs
-from zarr.codecs import ZstdCodec
+from zarr.codecs import BloscCodec, ZstdCodec
 
 from daskmv.errors import StoreError
 
@@ -48,8 +48,12 @@ ZARR = "outputs.zarr"
 PARTS = "parts"
 #: Files and folders daskmv owns in a root; ``--overwrite`` removes these and nothing else.
 OWNED = (RUN_JSON, MANIFEST, MANIFEST_CSV, ERRORS_LOG, ZARR, PARTS, "report.html")
-#: Rows per inner Zarr chunk aim at this many bytes, so tiny outputs are not one chunk per row.
-INNER_CHUNK_BYTES = 1 << 16
+#: Rows per inner Zarr chunk aim at this many bytes: reading one row reads at most this much more,
+#: and a 256-row partition of 224x224x3 images writes in 29 ms instead of 48 ms (one row per chunk).
+INNER_CHUNK_BYTES = 1 << 19
+#: Every chunk is written, even all-zero ones: checking for "empty" chunks costs more than the write
+#: (measured 131 ms against 12 ms for a 38 MB partition array).
+WRITE_CONFIG = {"write_empty_chunks": True}
 
 
 def now() -> str:
@@ -292,7 +296,8 @@ class Store:
             if name not in root:
                 root.create_group(name)
 
-    def write_array(self, output: str, index: int, generation: int, values: list[np.ndarray | None]) -> list[str | None]:
+    def write_array(self, output: str, index: int, generation: int, values: list[np.ndarray | None],
+                    compression: str | None = None) -> list[str | None]:
         """Write one partition's values of one output; return each row's reference (None: no value).
 
         Same-shaped values become one ``[rows, ...]`` array whose rows are inner chunks of a single
@@ -305,9 +310,9 @@ class Store:
         url = self.url(ZARR, output, partition_name(index, generation))
         shapes = {v.shape for v in present}
         if len(shapes) == 1:
-            _write_stacked(url, values, present[0], self._zarr_options())
+            _write_stacked(url, values, present[0], self._zarr_options(), compression)
         else:
-            _write_ragged(url, values, present[0].dtype, self._zarr_options())
+            _write_ragged(url, values, present[0].dtype, self._zarr_options(), compression)
         return [None if v is None else array_ref(output, index, generation, i) for i, v in enumerate(values)]
 
     def _zarr_options(self) -> dict[str, Any] | None:
@@ -356,7 +361,18 @@ class Store:
             self.remove(MANIFEST_CSV)
         return counts
 
-def _write_stacked(url: str, values: list[np.ndarray | None], first: np.ndarray, options: dict[str, Any] | None) -> None:
+def _compressors(compression: str | None) -> Any:
+    if compression is None:
+        return None
+    if compression == "zstd":
+        return ZstdCodec(level=1)
+    if compression == "lz4":
+        return BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")
+    raise ValueError(f"unknown compression {compression!r} (zstd, lz4 or None)")
+
+
+def _write_stacked(url: str, values: list[np.ndarray | None], first: np.ndarray, options: dict[str, Any] | None,
+                   compression: str | None) -> None:
     n = len(values)
     data = np.zeros((n, *first.shape), dtype=first.dtype)
     for i, v in enumerate(values):
@@ -368,13 +384,14 @@ def _write_stacked(url: str, values: list[np.ndarray | None], first: np.ndarray,
     shard_rows = -(-n // rows_per_chunk) * rows_per_chunk
     arr = zarr.create_array(
         url, shape=data.shape, dtype=data.dtype, chunks=chunks, shards=(shard_rows, *first.shape),
-        compressors=ZstdCodec(level=1), overwrite=True, storage_options=options,
+        compressors=_compressors(compression), overwrite=True, storage_options=options, config=WRITE_CONFIG,
         attributes={"daskmv": {"layout": "stacked", "present": [v is not None for v in values]}},
     )
     arr[...] = data
 
 
-def _write_ragged(url: str, values: list[np.ndarray | None], dtype: np.dtype, options: dict[str, Any] | None) -> None:
+def _write_ragged(url: str, values: list[np.ndarray | None], dtype: np.dtype, options: dict[str, Any] | None,
+                  compression: str | None) -> None:
     ndim = max(v.ndim for v in values if v is not None)
     shapes = np.full((len(values), ndim), -1, dtype=np.int64)
     offsets = np.zeros(len(values) + 1, dtype=np.int64)
@@ -392,9 +409,9 @@ def _write_ragged(url: str, values: list[np.ndarray | None], dtype: np.dtype, op
     chunk = max(1, INNER_CHUNK_BYTES // max(1, data.dtype.itemsize))
     shard = max(chunk, -(-max(1, data.size) // chunk) * chunk)
     group.create_array("data", shape=data.shape, dtype=data.dtype, chunks=(chunk,), shards=(shard,),
-                       compressors=ZstdCodec(level=1))[...] = data
-    group.create_array("offsets", data=offsets)
-    group.create_array("shapes", data=shapes)
+                       compressors=_compressors(compression), config=WRITE_CONFIG)[...] = data
+    group.create_array("offsets", data=offsets, config=WRITE_CONFIG)
+    group.create_array("shapes", data=shapes, config=WRITE_CONFIG)
 
 
 def read_array_row(url: str, row: int, storage_options: dict[str, Any] | None = None) -> np.ndarray:

@@ -54,12 +54,18 @@ class Param:
 
 @dataclass(frozen=True)
 class Output:
-    """A declared output. ``array`` outputs go to Zarr; ``column`` outputs become manifest columns."""
+    """A declared output. ``array`` outputs go to Zarr; ``column`` outputs become manifest columns.
+
+    ``dtype`` is a NumPy dtype name, or for columns also ``string`` or ``json`` (any JSON-able value,
+    stored as text). ``compression`` (arrays only: ``zstd``, ``lz4`` or None) suits outputs that
+    compress well, such as masks; images and embeddings barely compress and are stored raw by default.
+    """
 
     name: str
     kind: Literal["array", "column"]
     dtype: str
     help: str = ""
+    compression: str | None = None
 
     @property
     def column(self) -> str:
