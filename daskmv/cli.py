@@ -14,6 +14,7 @@ from typing import Any, Optional
 import typer
 import yaml
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from daskmv.errors import DaskmvError, UsageError
@@ -32,7 +33,7 @@ CONFIG_KEYS = {
 
 
 def _fail(exc: DaskmvError) -> typer.Exit:
-    err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+    err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
     return typer.Exit(exc.exit_code)
 
 
@@ -104,7 +105,7 @@ def run(
     except KeyboardInterrupt:
         err.print("[bold red]interrupted:[/] finished partitions are kept; run the same command to resume")
         raise typer.Exit(1) from None
-    out.print(f"[bold green]done:[/] {result.summary()}", highlight=False, soft_wrap=True)
+    out.print(f"[bold green]done:[/] {escape(result.summary())}", highlight=False, soft_wrap=True)
     if result.counts.get("error"):
         out.print(f"row errors are listed in {result.out}/errors.log", highlight=False, soft_wrap=True)
 
@@ -164,19 +165,28 @@ def status(
 def list_ops() -> None:
     """List every op with its inputs, outputs and parameters."""
     from daskmv.ops import LOADER_INPUTS, REGISTRY
+    from daskmv.pipeline import PIPELINES
 
-    table = Table(show_lines=True)
-    for column in ("op", "inputs", "outputs", "parameters"):
-        table.add_column(column)
     for name in sorted(REGISTRY):
         op = REGISTRY[name]
-        outputs = "\n".join(f"{o.column} ({o.dtype}{', array' if o.kind == 'array' else ''})" for o in op.outputs)
-        params = "\n".join(f"{k}={v.default!r}: {v.help}" for k, v in op.params.items()) or "-"
-        title = f"[bold]{name}[/]{' (gpu)' if op.gpu else ''}\n{op.help}"
-        table.add_row(title, ", ".join(op.inputs), outputs or "(set by parameters)", params)
-    out.print(table)
-    out.print("Inputs made from each row's file: " + "; ".join(f"{k}: {v}" for k, v in LOADER_INPUTS.items()))
-    out.print("A user op is named by import path, e.g. --pipeline mypkg.ops:Blur")
+        out.print(f"[bold]{name}[/]{' [magenta](gpu)[/]' if op.gpu else ''}  {escape(op.help)}", highlight=False)
+        grid = Table.grid(padding=(0, 2))
+        grid.add_column(style="dim")
+        grid.add_column()
+        grid.add_column()
+        grid.add_row("  inputs", ", ".join(op.inputs) or "-", "")
+        outputs = ", ".join(f"{o.column} ({o.dtype}{' array' if o.kind == 'array' else ''})" for o in op.outputs)
+        grid.add_row("  outputs", outputs or "set by parameters", "")
+        for i, (key, param) in enumerate(op.params.items()):
+            choices = f" ({', '.join(map(str, param.choices))})" if param.choices else ""
+            grid.add_row("  params" if i == 0 else "", escape(f"{key} = {param.default!r}"), escape(param.help + choices))
+        out.print(grid)
+    if PIPELINES:
+        out.print("[bold]named pipelines[/]: " + "; ".join(
+            f"{k} = {', '.join(s['op'] for s in v)}" for k, v in sorted(PIPELINES.items())), highlight=False)
+    out.print("[dim]inputs made from each row's file:[/] " + escape("; ".join(f"{k}: {v}" for k, v in LOADER_INPUTS.items())),
+              highlight=False)
+    out.print("[dim]a user op is named by import path, e.g.[/] --pipeline mypkg.ops:Blur", highlight=False)
 
 
 def main() -> None:

@@ -157,7 +157,7 @@ class Manifest:
             if keys.isna().any():
                 row = int(np.flatnonzero(keys.isna().to_numpy())[0]) + sum(lengths[:-1])
                 raise ManifestError(f"manifest {self.url}: column {key!r} is empty in row {row}")
-            hashes.append(pd.util.hash_pandas_object(keys.astype(str), index=False).to_numpy())
+            hashes.append(_hash_keys(keys))
             if has_paths:
                 schemes |= _schemes_in(df[self.path_column])
         self.source_lengths = lengths
@@ -203,6 +203,16 @@ class Manifest:
         return resolve_path(path, self.base)
 
 
+def _hash_keys(keys: pd.Series, slice_rows: int = 1 << 16) -> np.ndarray:
+    """64-bit hashes of the keys as strings, computed in slices to keep intermediates small."""
+    out = np.empty(len(keys), dtype=np.uint64)
+    is_text = pd.api.types.is_string_dtype(keys.dtype)
+    for start in range(0, len(keys), slice_rows):
+        part = keys.iloc[start : start + slice_rows]
+        out[start : start + len(part)] = pd.util.hash_pandas_object(part if is_text else part.astype(str), index=False)
+    return out
+
+
 def _schemes_in(paths: pd.Series) -> set[str]:
     text = paths.dropna().astype(str)
     found = text.str.extract(r"^([A-Za-z][A-Za-z0-9+.-]*)://", expand=False).dropna()
@@ -218,7 +228,7 @@ def _refuse_duplicates(manifest: Manifest, hashes: np.ndarray) -> None:
     key = manifest.key_column
     examples: list[str] = []
     for df in manifest._source_partitions([key]):
-        h = pd.util.hash_pandas_object(df[key].astype(str), index=False).to_numpy()
+        h = _hash_keys(df[key])
         examples += [str(v) for v in df[key][np.isin(h, dup_hashes)].unique()]
         if len(examples) >= 3:
             break
@@ -305,7 +315,8 @@ def _read_ddf(url: str, fmt: str, storage_options: dict[str, Any]) -> dd.DataFra
 def _read_ddf_here(url: str, fmt: str, storage_options: dict[str, Any]) -> dd.DataFrame:
     options = storage_options or None
     if fmt == "parquet":
-        return dd.read_parquet(url, storage_options=options, split_row_groups="adaptive")
+        # One partition per row group: the driver holds one row group at a time, whatever the file's size.
+        return dd.read_parquet(url, storage_options=options, split_row_groups=True)
     lower = url.lower()
     compressed = not lower.endswith((".csv", ".tsv"))  # compressed CSV cannot be split into blocks
     return dd.read_csv(url, blocksize=None if compressed else CSV_BLOCKSIZE, sep="\t" if lower.endswith(".tsv") else ",",

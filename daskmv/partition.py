@@ -253,7 +253,12 @@ def _loaded_batches(
         for start in range(0, len(records), size):
             yield [(i, {}, 0.0) for i in range(start, min(start + size, len(records)))]
         return
-    pool = _pool(max(1, task.decode_threads))
+    if task.decode_threads <= 0:  # load on this thread: no overlap, no thread switching
+        for start in range(0, len(records), size):
+            stop = min(start + size, len(records))
+            yield [(i, *_load_row(_row_url(records[i], task), wanted)) for i in range(start, stop)]
+        return
+    pool = _pool(task.decode_threads)
     ahead = size + max(size, 2 * task.decode_threads)
     pending: deque[tuple[int, Any]] = deque()
     todo = iter(range(len(records)))
@@ -263,8 +268,7 @@ def _loaded_batches(
             i = next(todo, None)
             if i is None:
                 return
-            url = resolve_path(str(records[i].get(task.path_column) or ""), task.base)
-            pending.append((i, pool.submit(_load_row, url, wanted)))
+            pending.append((i, pool.submit(_load_row, _row_url(records[i], task), wanted)))
 
     fill()
     while pending:
@@ -274,6 +278,11 @@ def _loaded_batches(
             batch.append((i, *future.result()))
             fill()
         yield batch
+
+
+def _row_url(record: Row, task: PartitionTask) -> str:
+    path = record.get(task.path_column)
+    return "" if path is None or path != path else resolve_path(str(path), task.base)
 
 
 def _load_row(url: str, wanted: frozenset[str]) -> tuple[Row | BaseException, float]:

@@ -28,7 +28,7 @@ class RunProgress:
 
     def note(self, message: str) -> None:
         if self.mode != "none":
-            self.console.print(message, highlight=False, soft_wrap=True)
+            self.console.print(message, highlight=False, soft_wrap=True, markup=False)
 
     def start(self, total: int, already_done: int = 0, already_errors: int = 0) -> None:
         self.total, self.done, self.errors, self.skipped = total, already_done, already_errors, already_done

@@ -127,8 +127,6 @@ class Store:
         if self.local:
             with open(tmp, "wb") as fh:
                 fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
             os.replace(tmp, final)
         else:
             self.fs.pipe_file(tmp, data)
@@ -347,6 +345,7 @@ class Store:
                     counts["ok"] += status.count("ok")
                     if errs:
                         ef.write(_error_lines(table).encode())
+
             finally:
                 writer.close()
                 if csv_writer:

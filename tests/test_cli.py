@@ -36,6 +36,7 @@ def test_ops_lists_every_op_with_inputs_outputs_and_parameters():
         for param in op.params:
             assert param in result.stdout
     assert "resized_path" in result.stdout and "sharpness" in result.stdout and "image_info" in result.stdout
+    assert "[width, height]" in result.stdout  # help texts are not eaten as markup
 
 
 @pytest.mark.slow
