@@ -30,6 +30,7 @@ import pandas as pd
 from fsspec.core import split_protocol
 
 from daskmv.errors import ManifestError
+from daskmv.paths import resolve_path
 
 # dask 2026.7 calls a pandas API that pandas 3.1 deprecates; nothing for a user to act on.
 warnings.filterwarnings("ignore", message="The inplace keyword in DataFrame.reset_index")
@@ -67,14 +68,6 @@ def filesystem_for(url: str, storage_options: dict[str, Any] | None = None) -> f
         return fsspec.filesystem(protocol, **(storage_options or {}))
     except ImportError as exc:
         raise ManifestError(f"{protocol}:// URLs need an extra package: {exc}") from None
-
-
-def resolve_path(path: str, base: str) -> str:
-    """Resolve a manifest's file path: URLs and absolute paths as they are, others against ``base``."""
-    protocol, _ = split_protocol(path)
-    if protocol is not None or path.startswith("/") or not base:
-        return path
-    return posixpath.join(base, path)
 
 
 def _format_of(url: str) -> str:

@@ -32,7 +32,7 @@ import pyarrow.compute as pc
 from distributed.diagnostics.plugin import WorkerPlugin
 
 from daskmv.errors import RowError
-from daskmv.manifest import resolve_path
+from daskmv.paths import resolve_path
 from daskmv.ops.base import Op, Output, Row, is_out_of_memory
 from daskmv.ops.image import load_inputs
 from daskmv.store import Store, now, partition_name

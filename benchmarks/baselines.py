@@ -1,0 +1,60 @@
+"""What users write by hand, kept lean (OpenCV and NumPy only, as such scripts import).
+
+The per-image work is the same as daskmv's ``resize,stats`` with the same OpenCV primitives, so the
+comparison measures the engine, not the op implementations.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import time
+
+import cv2
+import numpy as np
+
+cv2.setNumThreads(1)
+
+
+def stats(image: np.ndarray) -> dict:
+    mean, std = cv2.meanStdDev(image)
+    _, lap_std = cv2.meanStdDev(cv2.Laplacian(cv2.cvtColor(image, cv2.COLOR_RGB2GRAY), cv2.CV_32F, ksize=1))
+    out = {f"mean_{c}": float(mean[i, 0]) for i, c in enumerate("rgb")}
+    out.update({f"std_{c}": float(std[i, 0]) for i, c in enumerate("rgb")})
+    out["sharpness"] = float(lap_std[0, 0]) ** 2
+    return out
+
+
+def decode_only(path: str) -> int:
+    return cv2.imread(path, cv2.IMREAD_COLOR).shape[0]
+
+
+def process_one(args: tuple[int, str, str]) -> dict:
+    """Per row: decode, resize to 224x224 (INTER_AREA), stats, np.save the resized array."""
+    i, path, out = args
+    image = cv2.cvtColor(cv2.imread(path, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+    resized = cv2.resize(image, (224, 224), interpolation=cv2.INTER_AREA)
+    np.save(os.path.join(out, f"{i:07d}.npy"), resized)
+    return {"path": path, **stats(image)}
+
+
+def pool_run(paths: list[str], out: str, processes: int) -> tuple[float, list[dict]]:
+    os.makedirs(out, exist_ok=True)
+    t = time.perf_counter()
+    with mp.get_context("spawn").Pool(processes) as pool:
+        rows = pool.map(process_one, [(i, p, out) for i, p in enumerate(paths)], chunksize=64)
+    return time.perf_counter() - t, rows
+
+
+def loop_run(paths: list[str], out: str) -> tuple[float, list[dict]]:
+    os.makedirs(out, exist_ok=True)
+    t = time.perf_counter()
+    rows = [process_one((i, p, out)) for i, p in enumerate(paths)]
+    return time.perf_counter() - t, rows
+
+
+def decode_limit(paths: list[str], processes: int) -> float:
+    t = time.perf_counter()
+    with mp.get_context("spawn").Pool(processes) as pool:
+        pool.map(decode_only, paths, chunksize=64)
+    return time.perf_counter() - t
