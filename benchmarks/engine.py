@@ -22,6 +22,7 @@ import json
 import os
 import platform
 import resource
+import shutil
 import subprocess
 import sys
 import time
@@ -58,6 +59,13 @@ def make_images(folder: Path, n: int, width: int, height: int) -> Path:
         paths.append(str(path))
     pd.DataFrame({"path": paths}).to_parquet(manifest, index=False)
     return manifest
+
+
+def fresh(folder: Path) -> str:
+    """An empty output folder, with earlier writes flushed, so no method pays for another's I/O."""
+    shutil.rmtree(folder, ignore_errors=True)
+    os.sync()
+    return str(folder)
 
 
 def warm_cache(paths: list[str]) -> None:
@@ -169,15 +177,16 @@ def main() -> None:
     runs: dict[str, list[float]] = {k: [] for k in names}
     for _ in range(args.repeat):  # interleaved, so drift on a shared machine hits every method alike
         runs["decode"].append(baselines.decode_limit(paths, w))
-        seconds, loop_rows = baselines.loop_run(paths, str(work / "loop-out"))
+        seconds, loop_rows = baselines.loop_run(paths, fresh(work / "loop-out"))
         runs["loop"].append(seconds)
-        seconds, pool_rows = baselines.pool_run(paths, str(work / "pool-out"), w)
+        seconds, pool_rows = baselines.pool_run(paths, fresh(work / "pool-out"), w)
         runs["pool"].append(seconds)
-        seconds, counts = daskmv_run(manifest, work / "daskmv-out", w, extra)
+        seconds, counts = daskmv_run(manifest, Path(fresh(work / "daskmv-out")), w, extra)
         assert counts["ok"] == n, counts
         runs["cold"].append(seconds)
         with local_cluster(w, dashboard_address=":0") as cluster, Client(cluster) as client:
-            runs["warm"].append(daskmv_run(manifest, work / "daskmv-out", w, extra, client=client)[0])
+            out = Path(fresh(work / "daskmv-out"))
+            runs["warm"].append(daskmv_run(manifest, out, w, extra, client=client)[0])
     check_same_results(pool_rows, work / "daskmv-out")
 
     timings = {names[k]: float(np.median(v)) for k, v in runs.items()}

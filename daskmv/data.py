@@ -16,7 +16,8 @@ import pandas as pd
 import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
 
-from daskmv.store import parse_ref, read_array_row
+from daskmv.arrays import read_array_row
+from daskmv.store import parse_ref
 
 try:  # a torch Dataset when torch is there; a plain sequence otherwise
     from torch.utils.data import Dataset as _DatasetBase

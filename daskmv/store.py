@@ -35,8 +35,8 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import zarr
 from fsspec.core import url_to_fs
-from zarr.codecs import BloscCodec, ZstdCodec
 
+from daskmv.arrays import write_ragged, write_stacked
 from daskmv.errors import StoreError
 
 RUN_JSON = "run.json"
@@ -48,12 +48,6 @@ ZARR = "outputs.zarr"
 PARTS = "parts"
 #: Files and folders daskmv owns in a root; ``--overwrite`` removes these and nothing else.
 OWNED = (RUN_JSON, MANIFEST, MANIFEST_CSV, ERRORS_LOG, ZARR, PARTS, "report.html")
-#: Rows per inner Zarr chunk aim at this many bytes: reading one row reads at most this much more,
-#: and a 256-row partition of 224x224x3 images writes in 29 ms instead of 48 ms (one row per chunk).
-INNER_CHUNK_BYTES = 1 << 19
-#: Every chunk is written, even all-zero ones: checking for "empty" chunks costs more than the write
-#: (measured 131 ms against 12 ms for a 38 MB partition array).
-WRITE_CONFIG = {"write_empty_chunks": True}
 
 
 def now() -> str:
@@ -308,9 +302,9 @@ class Store:
         url = self.url(ZARR, output, partition_name(index, generation))
         shapes = {v.shape for v in present}
         if len(shapes) == 1:
-            _write_stacked(url, values, present[0], self._zarr_options(), compression)
+            write_stacked(url, values, self._zarr_options(), compression, fs=self.fs if self.local else None)
         else:
-            _write_ragged(url, values, present[0].dtype, self._zarr_options(), compression)
+            write_ragged(url, values, present[0].dtype, self._zarr_options(), compression)
         return [None if v is None else array_ref(output, index, generation, i) for i, v in enumerate(values)]
 
     def _zarr_options(self) -> dict[str, Any] | None:
@@ -359,69 +353,6 @@ class Store:
         else:
             self.remove(MANIFEST_CSV)
         return counts
-
-def _compressors(compression: str | None) -> Any:
-    if compression is None:
-        return None
-    if compression == "zstd":
-        return ZstdCodec(level=1)
-    if compression == "lz4":
-        return BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")
-    raise ValueError(f"unknown compression {compression!r} (zstd, lz4 or None)")
-
-
-def _write_stacked(url: str, values: list[np.ndarray | None], first: np.ndarray, options: dict[str, Any] | None,
-                   compression: str | None) -> None:
-    n = len(values)
-    data = np.zeros((n, *first.shape), dtype=first.dtype)
-    for i, v in enumerate(values):
-        if v is not None:
-            data[i] = v
-    row_bytes = max(1, first.nbytes)
-    rows_per_chunk = max(1, min(n, INNER_CHUNK_BYTES // row_bytes))
-    chunks = (rows_per_chunk, *first.shape)
-    shard_rows = -(-n // rows_per_chunk) * rows_per_chunk
-    arr = zarr.create_array(
-        url, shape=data.shape, dtype=data.dtype, chunks=chunks, shards=(shard_rows, *first.shape),
-        compressors=_compressors(compression), overwrite=True, storage_options=options, config=WRITE_CONFIG,
-        attributes={"daskmv": {"layout": "stacked", "present": [v is not None for v in values]}},
-    )
-    arr[...] = data
-
-
-def _write_ragged(url: str, values: list[np.ndarray | None], dtype: np.dtype, options: dict[str, Any] | None,
-                  compression: str | None) -> None:
-    ndim = max(v.ndim for v in values if v is not None)
-    shapes = np.full((len(values), ndim), -1, dtype=np.int64)
-    offsets = np.zeros(len(values) + 1, dtype=np.int64)
-    flat: list[np.ndarray] = []
-    for i, v in enumerate(values):
-        size = 0
-        if v is not None:
-            shapes[i, : v.ndim] = v.shape
-            flat.append(np.ascontiguousarray(v, dtype=dtype).ravel())
-            size = v.size
-        offsets[i + 1] = offsets[i] + size
-    data = np.concatenate(flat) if flat else np.zeros(0, dtype=dtype)
-    group = zarr.open_group(url, mode="w", storage_options=options)
-    group.attrs["daskmv"] = {"layout": "ragged"}
-    chunk = max(1, INNER_CHUNK_BYTES // max(1, data.dtype.itemsize))
-    shard = max(chunk, -(-max(1, data.size) // chunk) * chunk)
-    group.create_array("data", shape=data.shape, dtype=data.dtype, chunks=(chunk,), shards=(shard,),
-                       compressors=_compressors(compression), config=WRITE_CONFIG)[...] = data
-    group.create_array("offsets", data=offsets, config=WRITE_CONFIG)
-    group.create_array("shapes", data=shapes, config=WRITE_CONFIG)
-
-
-def read_array_row(url: str, row: int, storage_options: dict[str, Any] | None = None) -> np.ndarray:
-    """One row of a stacked or ragged partition array (reads only that row's chunk)."""
-    node = zarr.open(url, mode="r", storage_options=storage_options)
-    if isinstance(node, zarr.Array):
-        return np.asarray(node[row])
-    start, stop = (int(x) for x in node["offsets"][row : row + 2])
-    shape = tuple(int(s) for s in node["shapes"][row] if s >= 0)
-    return np.asarray(node["data"][start:stop]).reshape(shape)
-
 
 def _conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
     columns = []

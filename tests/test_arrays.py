@@ -1,0 +1,81 @@
+"""Partition arrays: the direct shard writer against Zarr's own encoder, stacked and ragged layouts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import fsspec
+import numpy as np
+import pytest
+import zarr
+
+from daskmv.arrays import INNER_CHUNK_BYTES, read_array_row, stack_rows, write_ragged, write_stacked
+
+
+def shard_file(url: Path) -> Path:
+    files = [p for p in url.rglob("*") if p.is_file() and p.name != "zarr.json"]
+    assert len(files) == 1, files
+    return files[0]
+
+
+@pytest.mark.parametrize(
+    ("shape", "dtype", "n"),
+    [((24, 32, 3), np.uint8, 37), ((512,), np.float32, 300), ((7,), np.int64, 1), ((600, 600, 3), np.uint8, 5),
+     ((3, 4), np.float16, 1000), ((2,), np.bool_, 9)],
+)
+def test_direct_shard_equals_zarr_encoding(tmp_path, shape, dtype, n):
+    rng = np.random.default_rng(0)
+    values = [(rng.random(shape) * 200).astype(dtype) for _ in range(n)]
+    if n > 2:
+        values[1] = None  # an error row: no value, zeros in the array
+    fast, slow = tmp_path / "fast", tmp_path / "slow"
+    write_stacked(str(fast), values, None, None, fs=fsspec.filesystem("file"))
+    write_stacked(str(slow), values, None, None, fs=None)  # Zarr's own encoder
+    assert shard_file(fast).read_bytes() == shard_file(slow).read_bytes()
+    arr = zarr.open_array(str(fast), mode="r")
+    assert arr.shape == (n, *shape) and arr.dtype == dtype
+    for i, v in enumerate(values):
+        expected = np.zeros(shape, dtype) if v is None else v
+        assert np.array_equal(read_array_row(str(fast), i), expected)
+    assert arr.attrs["daskmv"]["present"] == [v is not None for v in values]
+
+
+def test_inner_chunks_hold_several_small_rows_and_one_large_row(tmp_path):
+    small = [np.zeros((16, 16, 3), np.uint8) for _ in range(100)]
+    write_stacked(str(tmp_path / "small"), small, None, None, fs=fsspec.filesystem("file"))
+    assert zarr.open_array(str(tmp_path / "small")).chunks[0] == min(100, INNER_CHUNK_BYTES // small[0].nbytes)
+    big = [np.zeros((600, 600, 3), np.uint8) for _ in range(3)]
+    write_stacked(str(tmp_path / "big"), big, None, None, fs=fsspec.filesystem("file"))
+    assert zarr.open_array(str(tmp_path / "big")).chunks[0] == 1
+
+
+@pytest.mark.parametrize("compression", ["zstd", "lz4"])
+def test_compressed_arrays_use_zarr(tmp_path, compression):
+    values = [np.full((32, 32), i % 2, np.uint8) for i in range(50)]
+    url = tmp_path / "mask"
+    write_stacked(str(url), values, None, compression, fs=fsspec.filesystem("file"))
+    assert shard_file(url).stat().st_size < 50 * 32 * 32 / 10
+    assert all(np.array_equal(read_array_row(str(url), i), values[i]) for i in range(50))
+
+
+def test_overwriting_replaces_the_old_array(tmp_path):
+    url = str(tmp_path / "a")
+    write_stacked(url, [np.ones((4, 4), np.uint8)] * 10, None, None, fs=fsspec.filesystem("file"))
+    write_stacked(url, [np.full((2,), 9, np.int64)] * 3, None, None, fs=fsspec.filesystem("file"))
+    arr = zarr.open_array(url, mode="r")
+    assert arr.shape == (3, 2) and (arr[:] == 9).all()
+
+
+def test_ragged_round_trip(tmp_path):
+    values = [np.arange(k * 3, dtype=np.float32).reshape(k, 3) for k in (0, 5, 2, 9)] + [None]
+    url = str(tmp_path / "r")
+    write_ragged(url, values, np.dtype(np.float32), None, None)
+    for i, v in enumerate(values[:-1]):
+        got = read_array_row(url, i)
+        assert got.shape == v.shape and np.array_equal(got, v)
+
+
+def test_stack_rows_pads_with_zeros():
+    values = [np.full(2, 5), None, np.full(2, 7)]
+    out = stack_rows(values, 4)
+    assert out.tolist() == [[5, 5], [0, 0], [7, 7], [0, 0]]
