@@ -16,6 +16,7 @@ import hashlib
 import heapq
 import importlib.metadata
 import platform
+import queue
 import sys
 import time
 from collections.abc import Iterator
@@ -24,7 +25,7 @@ from typing import Any
 
 import pandas as pd
 import pyarrow as pa
-from distributed import Client, wait
+from distributed import Client
 
 from daskmv.cluster import connect, worker_summary
 from daskmv.errors import RunError
@@ -201,6 +202,7 @@ class _Runner:
         self.client, self.manifest, self.pipeline, self.store = client, manifest, pipeline, store
         self.opts, self.progress = opts, progress
         self.in_flight: dict[Any, PartitionTask] = {}
+        self.finished: queue.Queue[Any] = queue.Queue()  # futures, put by their done-callbacks
         self.waiting: list[tuple[float, int, PartitionTask]] = []  # (due time, index, task) heap
         self.attempts: dict[int, int] = {}
         self.computed: list[int] = []
@@ -286,6 +288,7 @@ class _Runner:
 
     # -- the loop ----------------------------------------------------------------------------------
     def _loop(self, tasks: Iterator[PartitionTask], window: int, resources: dict[str, int] | None) -> None:
+        """Keep ``window`` tasks in flight; collect each as it finishes (done-callbacks, no polling)."""
         exhausted = False
         while True:
             now_t = time.monotonic()
@@ -298,26 +301,31 @@ class _Runner:
                     exhausted = True
                     break
                 self._submit(task, resources)
-            if not self.in_flight:
-                if exhausted and not self.waiting:
-                    return
-                time.sleep(min(0.5, max(0.0, self.waiting[0][0] - time.monotonic())) if self.waiting else 0.05)
-                continue
+            if not self.in_flight and exhausted and not self.waiting:
+                return
+            due = self.waiting[0][0] - time.monotonic() if self.waiting else 1.0
             try:
-                done, _ = wait(list(self.in_flight), timeout=0.5, return_when="FIRST_COMPLETED")
-            except TimeoutError:  # nothing finished yet; go round to submit retries that are due
+                future = self.finished.get(timeout=min(1.0, max(0.01, due)))
+            except queue.Empty:  # nothing finished: go round to submit retries that are due
                 continue
-            for future in done:
-                self._collect(future)
+            self._collect(future)
 
     def _submit(self, task: PartitionTask, resources: dict[str, int] | None) -> None:
         task.attempt = self.attempts[task.index] = self.attempts.get(task.index, 0) + 1
         key = f"daskmv-{task.fingerprint[:10]}-p{task.index:06d}-g{task.generation}-a{task.attempt}"
         future = self.client.submit(run_partition, task, key=key, resources=resources, pure=False)
         self.in_flight[future] = task
+        future.add_done_callback(self.finished.put)
 
     def _collect(self, future: Any) -> None:
-        task = self.in_flight.pop(future)
+        task = self.in_flight.pop(future, None)
+        if task is None:  # already collected (a callback can fire twice for a recomputed key)
+            return
+        if future.status not in ("finished", "error", "cancelled"):
+            # Its result was lost with a worker before we read it; the scheduler is recomputing it.
+            self.in_flight[future] = task
+            future.add_done_callback(self.finished.put)
+            return
         if future.status == "finished":
             marker = future.result()
             future.release()

@@ -151,12 +151,18 @@ def _empty_device_cache() -> None:
 def run_partition(task: PartitionTask) -> dict[str, Any]:
     """Process one partition and write its outputs; return its completion marker (a small dict)."""
     started, t0 = now(), time.perf_counter()
+    store = Store(task.root, task.storage_options)
+    done = store.marker(task.index)
+    if done is not None and (done.fingerprint, done.rows_hash, done.generation) == (
+            task.fingerprint, task.rows_hash, task.generation):
+        # Finished already: the scheduler is re-running a task whose result was lost with a worker
+        # before the driver read it. The marker is the result; never redo finished work.
+        return {**(done.info or {}), "recovered": True}
     prepared = _op_cache().get(task.fingerprint, task.steps)
     rows = task.rows
     if task.retry_ids is not None:
         rows = rows[rows["id"].isin(task.retry_ids)].reset_index(drop=True)
     result = _process_rows(prepared, rows, task)
-    store = Store(task.root, task.storage_options)
     specs = [spec for op in prepared.ops for spec in op.output_specs()]
     table = result_table(specs, rows, result.outputs, result.errors, result.seconds, store, task)
     if task.retry_ids is not None:

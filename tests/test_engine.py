@@ -281,3 +281,26 @@ def test_memory_url_manifest_end_to_end(dataset, client, tmp_path):
     assert r.counts == {"rows": 40, "ok": 40, "error": 0}
     got = pd.read_parquet(out / "manifest.parquet")
     assert got["path"].tolist() == frame["path"].tolist()
+
+
+def test_a_rerun_task_of_a_finished_partition_returns_its_marker(dataset, tmp_path):
+    """What the scheduler does when a worker dies holding a finished result: the task runs again."""
+    from daskmv.engine import rows_hash
+    from daskmv.manifest import read_manifest
+    from daskmv.partition import PartitionTask, run_partition
+    from daskmv.pipeline import Pipeline
+
+    log = tmp_path / "rows.log"
+    pipeline = Pipeline.parse([{"testops:CountRuns": {"log": str(log)}}])
+    manifest = read_manifest(str(dataset / "manifest.parquet"))
+    rows = next(manifest.partitions(10))
+    store = Store(str(tmp_path / "out"))
+    task = PartitionTask(index=0, rows=rows, rows_hash=rows_hash(rows), fingerprint=pipeline.fingerprint,
+                         steps=pipeline.steps(), root=store.root, base=manifest.base)
+    first = run_partition(task)
+    again = run_partition(task)
+    assert len(log.read_text().splitlines()) == 10  # the rows ran once
+    assert again["recovered"] and again["started"] == first["started"] and again["processed_rows"] == 10
+    task.rows_hash = "different rows"
+    run_partition(task)
+    assert len(log.read_text().splitlines()) == 20

@@ -97,7 +97,8 @@ def test_worker_killed_mid_run_loses_nothing_and_finished_partitions_run_once(da
         thread = threading.Thread(target=go)
         thread.start()
         wait_for(lambda: (out / "parts").exists() and len(markers(out)) >= 12, what="most partitions")
-        finished_before_kill = {m["index"] for m in markers(out)}
+        before_kill = {m["index"]: m for m in markers(out)}
+        finished_before_kill = set(before_kill)
         assert thread.is_alive(), "the run finished before a worker could be killed"
         victim = next(iter(c.run(os.getpid).values()))
         os.kill(victim, signal.SIGKILL)
@@ -112,6 +113,9 @@ def test_worker_killed_mid_run_loses_nothing_and_finished_partitions_run_once(da
         if partition_of[row_id] in finished_before_kill:
             assert count == 1, f"row {row_id} of a finished partition ran {count} times"
     assert set(runs) == set(frame["id"])
+    after = {m["index"]: m for m in markers(out)}
+    for index, marker in before_kill.items():  # from the output root: finished partitions ran once
+        assert after[index]["started"] == marker["started"] and after[index]["pid"] == marker["pid"]
 
 
 def test_poison_partition_stops_after_its_retries_and_the_rest_finish(dataset, tmp_path):
