@@ -57,12 +57,20 @@ def _dashboard_address(preferred: int = 8787) -> str:
 WORKER_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": 1 << 30, "MALLOC_TRIM_THRESHOLD_": 1 << 30}
 
 
+#: Dask settings for the workers daskmv starts. The statistical profiler samples every worker thread's
+#: stack 100 times a second; on CPU-bound image work it cost about 10 % of the throughput
+#: (benchmarks/engine.py). Turn it back on with DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED=True.
+WORKER_CONFIG = {"distributed.worker.profile.enabled": os.environ.get(
+    "DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED", "False").lower() in ("1", "true", "yes")}
+
+
 def local_cluster(workers: int | None = None, threads_per_worker: int = 1, **kwargs: Any) -> Any:
     """LocalCUDACluster (one worker per GPU) when GPUs are present, else a LocalCluster of processes."""
     kwargs.setdefault("dashboard_address", _dashboard_address())
     kwargs.setdefault("silence_logs", logging.ERROR)
-    env = {f"distributed.nanny.pre-spawn-environ.{k}": v for k, v in WORKER_MALLOC_ENV.items()}
-    with dask.config.set(env):
+    settings = {f"distributed.nanny.pre-spawn-environ.{k}": v for k, v in WORKER_MALLOC_ENV.items()}
+    settings.update(WORKER_CONFIG)
+    with dask.config.set(settings):
         return _start_local(workers, threads_per_worker, **kwargs)
 
 
