@@ -127,3 +127,13 @@ def test_parquet_directory_of_several_files_keeps_order(tmp_path):
     m = read_manifest(str(folder))
     assert m.n_rows == 15
     assert pd.concat(m.partitions(100))["path"].tolist() == [f"{k}-{i}.jpg" for k in range(3) for i in range(5)]
+
+
+def test_tsv_and_compressed_csv(tmp_path):
+    frame = pd.DataFrame({"path": ["a.jpg", "b c.jpg"], "label": [1, 2]})
+    frame.to_csv(tmp_path / "m.tsv", sep="\t", index=False)
+    frame.to_csv(tmp_path / "m.csv.gz", index=False, compression="gzip")
+    for name in ("m.tsv", "m.csv.gz"):
+        m = read_manifest(str(tmp_path / name))
+        assert m.format == "csv" and m.n_rows == 2
+        assert pd.concat(m.partitions(5))["path"].tolist() == ["a.jpg", "b c.jpg"]
