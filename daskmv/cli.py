@@ -190,7 +190,11 @@ def list_ops() -> None:
 
 
 def main() -> None:
+    import distributed  # noqa: F401  (sets up its loggers first, so the levels below stick)
+
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    for name in ("distributed", "dask"):  # the scheduler runs in this process: keep its INFO lines out
+        logging.getLogger(name).setLevel(logging.WARNING)
     app()
 
 

@@ -66,6 +66,7 @@ def test_driver_killed_then_resumed_equals_an_uninterrupted_run(dataset, client,
 
     resumed = subprocess.run(cmd, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
+    assert "INFO" not in resumed.stderr and "rows/s" in resumed.stderr  # progress lines, not Dask's logs
     run = json.loads((out / "run.json").read_text())
     assert run["counts"]["skipped_partitions"] == len(finished_at_kill)
     assert run["counts"]["computed_partitions"] == total - len(finished_at_kill)
