@@ -27,6 +27,7 @@ import pandas as pd
 import pyarrow as pa
 from distributed import Client
 
+from daskmv.assemble import ManifestWriter, SchemaMismatch
 from daskmv.cluster import connect, worker_summary
 from daskmv.errors import RunError
 from daskmv.manifest import Manifest, read_manifest
@@ -209,6 +210,11 @@ class _Runner:
         self.skipped: list[int] = []
         self.failed: dict[int, str] = {}
         self.indices: list[int] = []
+        # The final manifest is written while the run goes, in order, as partitions become ready.
+        self.writer = ManifestWriter(store, csv=manifest.format == "csv")
+        self.ready: set[int] = set()
+        self.next_out = 0
+        self.streaming = True
 
     def run(self, binding: dict[str, Any], partition_rows: int | None) -> RunResult:
         t0 = time.perf_counter()
@@ -235,6 +241,7 @@ class _Runner:
         except BaseException:
             self.progress.close()
             self._cancel()
+            self.writer.abort()
             raise
         self.progress.close()
         counts = self._finish(run_doc, t0)
@@ -266,6 +273,7 @@ class _Runner:
             elif done:
                 self.skipped.append(index)
                 self.progress.advance(marker.rows, marker.errors)
+                self._ready(index)
                 continue
             yield task
 
@@ -332,6 +340,7 @@ class _Runner:
             self.computed.append(task.index)
             self.failed.pop(task.index, None)
             self.progress.advance(marker["processed_rows"], marker["errors"])
+            self._ready(task.index)
             return
         exc = future.exception()
         future.release()
@@ -351,6 +360,21 @@ class _Runner:
         self.store.mark_failed(task.index, {"error": message, "attempts": task.attempt, "rows": len(task.rows),
                                             "time": now()})
         self.progress.advance(len(rows), len(rows))
+        self._ready(task.index)
+
+    def _ready(self, index: int) -> None:
+        """A partition's part is final: append every part that is now next in manifest order."""
+        self.ready.add(index)
+        while self.streaming and self.next_out in self.ready:
+            try:
+                self.writer.add(self.store.read_part(self.next_out))
+            except SchemaMismatch as exc:
+                self.progress.note(f"note: partition {self.next_out} changes the manifest's columns ({exc}); "
+                                   "the manifest will be assembled at the end")
+                self.streaming = False
+                self.writer.abort()
+            self.ready.discard(self.next_out)
+            self.next_out += 1
 
     def _cancel(self) -> None:
         futures = list(self.in_flight)
@@ -382,7 +406,11 @@ class _Runner:
 
     def _finish(self, run_doc: dict[str, Any], t0: float) -> dict[str, int]:
         """Assemble the final manifest (failed partitions' rows included, as errors) and run.json."""
-        counts = self.store.assemble(self.indices, csv=self.manifest.format == "csv")
+        if self.streaming and self.next_out == len(self.indices):
+            counts = self.writer.commit()
+        else:
+            self.writer.abort()
+            counts = self.store.assemble(self.indices, csv=self.manifest.format == "csv")
         seconds = time.perf_counter() - t0
         run_doc.update(
             state="incomplete" if self.failed else "complete", finished=now(), seconds=round(seconds, 3),

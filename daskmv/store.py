@@ -31,7 +31,6 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import zarr
 from fsspec.core import url_to_fs
@@ -315,84 +314,17 @@ class Store:
         """Concatenate the parts of ``indices`` (in order) into the final manifest and errors.log.
 
         Streams one part at a time, so memory stays at one partition whatever the manifest's size.
-        Written to temporary names and renamed, so a reader sees the old manifest or the new one.
+        The engine normally appends parts while the run goes (:class:`ManifestWriter`); this two-pass
+        version, which first unifies every part's schema, is its fallback.
         """
+        from daskmv.assemble import ManifestWriter
+
         schemas = [self._part_schema(i) for i in indices]
-        schema = pa.unify_schemas(schemas, promote_options="permissive") if schemas else pa.schema([])
-        counts = {"rows": 0, "ok": 0, "error": 0}
-        tmp = f".tmp-{uuid.uuid4().hex[:8]}"
-        self.fs.makedirs(self.path, exist_ok=True)
-        with self.fs.open(self._p(MANIFEST + tmp), "wb") as pf, self.fs.open(self._p(ERRORS_LOG + tmp), "wb") as ef:
-            writer = pq.ParquetWriter(pf, schema, compression="zstd")
-            csv_fh = self.fs.open(self._p(MANIFEST_CSV + tmp), "wb") if csv else None
-            csv_writer = pacsv.CSVWriter(csv_fh, _csv_schema(schema)) if csv_fh else None
-            try:
-                for index in indices:
-                    table = _conform(self.read_part(index), schema)
-                    writer.write_table(table)
-                    if csv_writer:
-                        csv_writer.write_table(_csv_table(table))
-                    counts["rows"] += table.num_rows
-                    status = table.column("status").to_pylist()
-                    errs = status.count("error")
-                    counts["error"] += errs
-                    counts["ok"] += status.count("ok")
-                    if errs:
-                        ef.write(_error_lines(table).encode())
-
-            finally:
-                writer.close()
-                if csv_writer:
-                    csv_writer.close()
-                if csv_fh:
-                    csv_fh.close()
-        self.fs.mv(self._p(MANIFEST + tmp), self._p(MANIFEST))
-        self.fs.mv(self._p(ERRORS_LOG + tmp), self._p(ERRORS_LOG))
-        if csv:
-            self.fs.mv(self._p(MANIFEST_CSV + tmp), self._p(MANIFEST_CSV))
-        else:
-            self.remove(MANIFEST_CSV)
-        return counts
-
-def _conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
-    columns = []
-    for field in schema:
-        if field.name in table.column_names:
-            col = table.column(field.name)
-            columns.append(col if col.type == field.type else col.cast(field.type))
-        else:
-            columns.append(pa.nulls(table.num_rows, field.type))
-    return pa.Table.from_arrays(columns, schema=schema)
-
-
-def _csv_schema(schema: pa.Schema) -> pa.Schema:
-    return pa.schema([pa.field(f.name, _csv_type(f.type)) for f in schema])
-
-
-def _csv_type(t: pa.DataType) -> pa.DataType:
-    return pa.string() if (pa.types.is_nested(t) or pa.types.is_dictionary(t)) else t
-
-
-def _csv_table(table: pa.Table) -> pa.Table:
-    cols = []
-    for field, col in zip(table.schema, table.columns):
-        if _csv_type(field.type) != field.type:
-            cols.append(pa.array([None if v is None else json.dumps(v) for v in col.to_pylist()], pa.string()))
-        else:
-            cols.append(col)
-    return pa.Table.from_arrays(cols, schema=_csv_schema(table.schema))
-
-
-def _error_lines(table: pa.Table) -> str:
-    ids = table.column("id").to_pylist()
-    errors = table.column("error").to_pylist()
-    lines = []
-    for row_id, message in zip(ids, errors):
-        if message:
-            op, _, text = message.partition(": ")
-            lines.append(f"{row_id}\t{op}\t{text}".replace("\n", " ") + "\n")
-    return "".join(lines)
-
+        schema = pa.unify_schemas(schemas, promote_options="permissive") if schemas else None
+        writer = ManifestWriter(self, csv, schema)
+        for index in indices:
+            writer.add(self.read_part(index))
+        return writer.commit()
 
 def _lock_is_stale(held: dict[str, Any]) -> bool:
     """A lock is stale when its process is gone; only checkable for locks taken on this host."""
@@ -404,3 +336,4 @@ def _lock_is_stale(held: dict[str, Any]) -> bool:
         return not psutil.pid_exists(int(held.get("pid", -1)))
     except (ValueError, TypeError):
         return True
+
