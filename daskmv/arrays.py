@@ -41,37 +41,104 @@ def compressors(compression: str | None) -> Any:
     raise ValueError(f"unknown compression {compression!r} (zstd, lz4 or None)")
 
 
+def chunk_layout(n: int, row_nbytes: int) -> tuple[int, int]:
+    """(rows per inner chunk, rows in the shard) for ``n`` rows of ``row_nbytes`` each."""
+    rows_per_chunk = max(1, min(n, INNER_CHUNK_BYTES // max(1, row_nbytes)))
+    return rows_per_chunk, math.ceil(n / rows_per_chunk) * rows_per_chunk
+
+
+class PartitionArray:
+    """One output's values for one partition, gathered straight into the array that will be written.
+
+    While every value has the same shape and dtype they are copied into one ``[rows, ...]`` buffer
+    (no list of per-row arrays, no stacking copy at the end); a value of another shape switches to a
+    list, written ragged.
+    """
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.buffer: np.ndarray | None = None
+        self.rows_per_chunk = 1
+        self.present = np.zeros(n, dtype=bool)
+        self.values: list[np.ndarray | None] | None = None
+
+    def set(self, i: int, value: np.ndarray) -> None:
+        if self.values is not None:
+            self.values[i] = value
+        elif self.buffer is None:
+            self.rows_per_chunk, shard_rows = chunk_layout(self.n, value.nbytes)
+            self.buffer = np.empty((shard_rows, *value.shape), dtype=value.dtype)
+            self.buffer[i] = value
+        elif value.shape == self.buffer.shape[1:] and value.dtype == self.buffer.dtype:
+            self.buffer[i] = value
+        else:
+            self.values = [self.buffer[j].copy() if self.present[j] else None for j in range(self.n)]
+            self.buffer = None
+            self.values[i] = value
+        self.present[i] = True
+
+    def drop(self, i: int) -> None:
+        """Forget row ``i``'s value (its row ended in an error after this output was made)."""
+        self.present[i] = False
+        if self.values is not None:
+            self.values[i] = None
+
+    def __bool__(self) -> bool:
+        return bool(self.present.any())
+
+
 def stack_rows(values: list[np.ndarray | None], rows: int) -> np.ndarray:
     """``[rows, ...]`` with each value in its row and zeros for missing values and padding rows."""
     first = next(v for v in values if v is not None)
-    data = np.empty((rows, *first.shape), dtype=first.dtype)
+    data = np.zeros((rows, *first.shape), dtype=first.dtype)
     for i, v in enumerate(values):
-        if v is None:
-            data[i] = 0
-        else:
+        if v is not None:
             data[i] = v
-    data[len(values):] = 0
     return data
+
+
+def write_partition_array(url: str, array: PartitionArray, options: dict[str, Any] | None,
+                          compression: str | None, fs: fsspec.AbstractFileSystem | None = None) -> None:
+    """Write a partition's values: stacked from its buffer, or ragged when shapes differed."""
+    if array.values is not None:
+        present = [v for v in array.values if v is not None]
+        if len({(v.shape, v.dtype) for v in present}) == 1:
+            array = _rebuffer(array)
+        else:
+            write_ragged(url, array.values, present[0].dtype, options, compression)
+            return
+    assert array.buffer is not None
+    data = array.buffer
+    data[array.n:] = 0
+    data[: array.n][~array.present] = 0
+    arr = zarr.create_array(
+        url, shape=(array.n, *data.shape[1:]), dtype=data.dtype, chunks=(array.rows_per_chunk, *data.shape[1:]),
+        shards=data.shape, compressors=compressors(compression), overwrite=True,
+        storage_options=options, config=WRITE_CONFIG,
+        attributes={"daskmv": {"layout": "stacked", "present": array.present.tolist()}},
+    )
+    if compression is None and fs is not None:
+        _write_raw_shard(fs, url, data, array.rows_per_chunk)
+    else:
+        arr[...] = data[: array.n]
+
+
+def _rebuffer(array: PartitionArray) -> PartitionArray:
+    out = PartitionArray(array.n)
+    for i, v in enumerate(array.values or []):
+        if v is not None:
+            out.set(i, v)
+    return out
 
 
 def write_stacked(url: str, values: list[np.ndarray | None], options: dict[str, Any] | None,
                   compression: str | None, fs: fsspec.AbstractFileSystem | None = None) -> None:
     """Write same-shaped values as one sharded array; ``fs`` (local roots) enables the direct shard write."""
-    first = next(v for v in values if v is not None)
-    n = len(values)
-    rows_per_chunk = max(1, min(n, INNER_CHUNK_BYTES // max(1, first.nbytes)))
-    shard_rows = math.ceil(n / rows_per_chunk) * rows_per_chunk
-    data = stack_rows(values, shard_rows)
-    arr = zarr.create_array(
-        url, shape=(n, *first.shape), dtype=first.dtype, chunks=(rows_per_chunk, *first.shape),
-        shards=(shard_rows, *first.shape), compressors=compressors(compression), overwrite=True,
-        storage_options=options, config=WRITE_CONFIG,
-        attributes={"daskmv": {"layout": "stacked", "present": [v is not None for v in values]}},
-    )
-    if compression is None and fs is not None:
-        _write_raw_shard(fs, url, data, rows_per_chunk)
-    else:
-        arr[...] = data[:n]
+    array = PartitionArray(len(values))
+    for i, v in enumerate(values):
+        if v is not None:
+            array.set(i, v)
+    write_partition_array(url, array, options, compression, fs)
 
 
 def _write_raw_shard(fs: fsspec.AbstractFileSystem, url: str, data: np.ndarray, rows_per_chunk: int) -> None:

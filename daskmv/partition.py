@@ -31,6 +31,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from distributed.diagnostics.plugin import WorkerPlugin
 
+from daskmv.arrays import PartitionArray
 from daskmv.errors import RowError
 from daskmv.paths import resolve_path
 from daskmv.ops.base import Op, Output, Row, is_out_of_memory
@@ -164,7 +165,7 @@ def run_partition(task: PartitionTask) -> dict[str, Any]:
         rows = rows[rows["id"].isin(task.retry_ids)].reset_index(drop=True)
     result = _process_rows(prepared, rows, task)
     specs = [spec for op in prepared.ops for spec in op.output_specs()]
-    table = result_table(specs, rows, result.outputs, result.errors, result.seconds, store, task)
+    table = result_table(specs, rows, result, store, task)
     if task.retry_ids is not None:
         table = _merge_retry(store.read_part(task.index), table, task.rows["id"].tolist())
     store.write_part(task.index, table)
@@ -207,26 +208,53 @@ def _worker_address() -> str | None:
 
 
 @dataclass
-class _Result:
-    outputs: list[Row]
+class RowResults:
+    """What a partition's rows produced: scalar columns, arrays (gathered per output), errors, seconds."""
+
+    columns: dict[str, list[Any]]
+    arrays: dict[str, PartitionArray]
     errors: list[str | None]
     seconds: np.ndarray
     op_seconds: list[float]
     load_seconds: float = 0.0
     oom_backoffs: int = 0
 
+    @classmethod
+    def empty(cls, specs: Sequence[Output], n: int, n_ops: int = 0) -> RowResults:
+        return cls(
+            columns={s.name: [None] * n for s in specs if s.kind == "column"},
+            arrays={s.name: PartitionArray(n) for s in specs if s.kind == "array"},
+            errors=[None] * n, seconds=np.zeros(n), op_seconds=[0.0] * n_ops,
+        )
 
-def _process_rows(prepared: PreparedPipeline, rows: pd.DataFrame, task: PartitionTask) -> _Result:
+    def record(self, i: int, outputs: Row) -> None:
+        for name, value in outputs.items():
+            if name in self.arrays:
+                self.arrays[name].set(i, value)
+            else:
+                self.columns[name][i] = value
+
+    def fail(self, i: int, message: str) -> None:
+        """Row ``i`` is an error: no value of any output is kept for it."""
+        self.errors[i] = message
+        for array in self.arrays.values():
+            array.drop(i)
+        for values in self.columns.values():
+            values[i] = None
+
+
+def _process_rows(prepared: PreparedPipeline, rows: pd.DataFrame, task: PartitionTask) -> RowResults:
     n = len(rows)
     records = rows.to_dict("records")
-    res = _Result([{} for _ in range(n)], [None] * n, np.zeros(n), [0.0] * len(prepared.ops))
+    specs = [spec for op in prepared.ops for spec in op.output_specs()]
+    res = RowResults.empty(specs, n, len(prepared.ops))
     for batch in _loaded_batches(records, prepared.loader_inputs, task):
         live: list[tuple[int, Row]] = []
         for i, loaded, seconds in batch:
             res.seconds[i] += seconds
             res.load_seconds += seconds
             if isinstance(loaded, BaseException):
-                res.errors[i] = _format_error("read", loaded)
+                res.fail(i, _format_error("read", loaded))
             else:
                 live.append((i, {**records[i], **loaded}))
         for k, op in enumerate(prepared.ops):
@@ -241,10 +269,10 @@ def _process_rows(prepared: PreparedPipeline, rows: pd.DataFrame, task: Partitio
                 res.seconds[i] += elapsed / len(live)
                 checked = out if isinstance(out, BaseException) else _check_outputs(op, out)
                 if isinstance(checked, BaseException):
-                    res.errors[i] = _format_error(op.name, checked)
+                    res.fail(i, _format_error(op.name, checked))
                     continue
                 row.update(checked)
-                res.outputs[i].update(checked)
+                res.record(i, checked)
                 still.append((i, row))
             live = still
     return res
@@ -302,7 +330,7 @@ def _load_row(url: str, wanted: frozenset[str]) -> tuple[Row | BaseException, fl
     return loaded, time.perf_counter() - t
 
 
-def _apply(prepared: PreparedPipeline, k: int, rows: list[Row], batch_size: int, res: _Result) -> list[Row | BaseException]:
+def _apply(prepared: PreparedPipeline, k: int, rows: list[Row], batch_size: int, res: RowResults) -> list[Row | BaseException]:
     """Run op ``k`` over ``rows`` in micro-batches no larger than its (possibly reduced) limit."""
     limit = min(batch_size, prepared.batch_limits.get(k, batch_size))
     out: list[Row | BaseException] = []
@@ -311,7 +339,7 @@ def _apply(prepared: PreparedPipeline, k: int, rows: list[Row], batch_size: int,
     return out
 
 
-def _apply_batch(prepared: PreparedPipeline, k: int, rows: list[Row], res: _Result) -> list[Row | BaseException]:
+def _apply_batch(prepared: PreparedPipeline, k: int, rows: list[Row], res: RowResults) -> list[Row | BaseException]:
     op = prepared.ops[k]
     try:
         outs = list(op.process(rows))
@@ -388,30 +416,30 @@ def _arrow_type(spec: Output) -> pa.DataType:
     return pa.from_numpy_dtype(np.dtype(spec.dtype))
 
 
-def result_table(specs: Sequence[Output], rows: pd.DataFrame, outputs: Sequence[Row], errors: Sequence[str | None],
-                 seconds: Sequence[float], store: Store, task: PartitionTask) -> pa.Table:
+def result_table(specs: Sequence[Output], rows: pd.DataFrame, res: RowResults, store: Store,
+                 task: PartitionTask) -> pa.Table:
     """Input columns, then output columns and references, then status, error and seconds."""
     written = {spec.column for spec in specs} | {"status", "error", "seconds"}
     inputs = rows[[c for c in rows.columns if c not in written]]
     table = pa.Table.from_pandas(inputs, preserve_index=False)
     for spec in specs:
-        values = [out.get(spec.name) if err is None else None for out, err in zip(outputs, errors)]
         if spec.kind == "array":
-            refs = store.write_array(spec.name, task.index, task.generation, values, spec.compression)
+            refs = store.write_array(spec.name, task.index, task.generation, res.arrays[spec.name], spec.compression)
             table = table.append_column(spec.column, pa.array(refs, pa.string()))
         else:
-            table = table.append_column(spec.column, pa.array(values, _arrow_type(spec)))
-    status = ["ok" if err is None else "error" for err in errors]
+            table = table.append_column(spec.column, pa.array(res.columns[spec.name], _arrow_type(spec)))
+    status = ["ok" if err is None else "error" for err in res.errors]
     table = table.append_column("status", pa.array(status, pa.string()))
-    table = table.append_column("error", pa.array(list(errors), pa.string()))
-    return table.append_column("seconds", pa.array(np.round(np.asarray(seconds, float), 6), pa.float64()))
+    table = table.append_column("error", pa.array(res.errors, pa.string()))
+    return table.append_column("seconds", pa.array(np.round(res.seconds, 6), pa.float64()))
 
 
 def failed_partition_table(specs: Sequence[Output], task: PartitionTask, message: str) -> pa.Table:
     """The rows of a partition given up on: every row an error that says why, no outputs."""
-    n = len(task.rows)
-    store = Store(task.root, task.storage_options)
-    return result_table(specs, task.rows, [{}] * n, [message] * n, [0.0] * n, store, task)
+    res = RowResults.empty(specs, len(task.rows))
+    for i in range(len(task.rows)):
+        res.fail(i, message)
+    return result_table(specs, task.rows, res, Store(task.root, task.storage_options), task)
 
 
 def _merge_retry(old: pa.Table, new: pa.Table, order: Sequence[str]) -> pa.Table:

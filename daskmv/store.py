@@ -35,7 +35,7 @@ import pyarrow.parquet as pq
 import zarr
 from fsspec.core import url_to_fs
 
-from daskmv.arrays import write_ragged, write_stacked
+from daskmv.arrays import PartitionArray, write_partition_array
 from daskmv.errors import StoreError
 
 RUN_JSON = "run.json"
@@ -287,7 +287,7 @@ class Store:
             if name not in root:
                 root.create_group(name)
 
-    def write_array(self, output: str, index: int, generation: int, values: list[np.ndarray | None],
+    def write_array(self, output: str, index: int, generation: int, array: PartitionArray,
                     compression: str | None = None) -> list[str | None]:
         """Write one partition's values of one output; return each row's reference (None: no value).
 
@@ -295,16 +295,11 @@ class Store:
         shard (one file, one row readable alone). Values of different shapes are stored ragged: a
         flat ``data`` array with ``offsets`` and ``shapes``.
         """
-        present = [v for v in values if v is not None]
-        if not present:
-            return [None] * len(values)
+        if not array:
+            return [None] * array.n
         url = self.url(ZARR, output, partition_name(index, generation))
-        shapes = {v.shape for v in present}
-        if len(shapes) == 1:
-            write_stacked(url, values, self._zarr_options(), compression, fs=self.fs if self.local else None)
-        else:
-            write_ragged(url, values, present[0].dtype, self._zarr_options(), compression)
-        return [None if v is None else array_ref(output, index, generation, i) for i, v in enumerate(values)]
+        write_partition_array(url, array, self._zarr_options(), compression, fs=self.fs if self.local else None)
+        return [array_ref(output, index, generation, i) if p else None for i, p in enumerate(array.present)]
 
     def _zarr_options(self) -> dict[str, Any] | None:
         return None if self.local else (self.storage_options or None)
