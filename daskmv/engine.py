@@ -37,7 +37,8 @@ from daskmv.progress import RunProgress
 from daskmv.store import MANIFEST, RUN_JSON, Store, now
 
 DEFAULT_BATCH_SIZE = 32
-MAX_PARTITION_ROWS = 256
+MAX_PARTITION_ROWS = 1024
+PARTITION_BYTES = 256 << 20
 MAX_COLUMN_PARTITION_ROWS = 10_000
 MIN_PARTITION_ROWS = 16
 
@@ -174,15 +175,18 @@ def _known_partition_rows(previous: dict[str, Any] | None, asked: int | None) ->
     return recorded if recorded is not None else asked
 
 
-def auto_partition_rows(n_rows: int, threads: int, reads_files: bool = True) -> int:
-    """Enough partitions to keep every worker thread busy (about 8 each), and not too many rows each.
+def auto_partition_rows(n_rows: int, threads: int, reads_files: bool = True, row_bytes: int = 0) -> int:
+    """Partition size: about 8 partitions per worker thread, within a memory budget and a row cap.
 
-    Pipelines that read files are capped at 256 rows a partition (memory, resume granularity, load
-    balance); pipelines that only compute on columns at 10,000, where the per-task cost would show.
+    A partition's array outputs are held in memory until written, so partitions stay under
+    :data:`PARTITION_BYTES` of estimated output; pipelines that read files are capped at
+    :data:`MAX_PARTITION_ROWS` rows (resume granularity, load balance), column-only ones at
+    :data:`MAX_COLUMN_PARTITION_ROWS`. Fewer, larger partitions cost the driver less (about 8 ms each).
     """
     target = -(-n_rows // max(1, 8 * threads))
     cap = MAX_PARTITION_ROWS if reads_files else MAX_COLUMN_PARTITION_ROWS
-    return max(MIN_PARTITION_ROWS, min(cap, target))
+    by_memory = PARTITION_BYTES // max(1, row_bytes)
+    return max(MIN_PARTITION_ROWS, min(cap, target, by_memory))
 
 
 def versions() -> dict[str, str]:
@@ -224,7 +228,8 @@ class _Runner:
         resources = self._resources(workers)
         if partition_rows is None:
             partition_rows = auto_partition_rows(self.manifest.n_rows or 0, workers["threads"],
-                                                 reads_files=bool(self.pipeline.loader_inputs - {"url"}))
+                                                 reads_files=bool(self.pipeline.loader_inputs),
+                                                 row_bytes=self.pipeline.row_bytes)
         binding = {**binding, "partition_rows": partition_rows}
         self.n_partitions = self.manifest.partition_count(partition_rows)
         self.client.register_plugin(OpCache())

@@ -123,6 +123,11 @@ class Pipeline:
         return frozenset(n for op in self.ops for n in op.input_names() if n in LOADER_INPUTS and n not in produced)
 
     @property
+    def row_bytes(self) -> int:
+        """Estimated array output per row (see :meth:`Op.row_bytes`)."""
+        return sum(op.row_bytes() for op in self.ops)
+
+    @property
     def needs_gpu(self) -> bool:
         return any(op.gpu for op in self.ops)
 

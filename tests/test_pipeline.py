@@ -127,3 +127,15 @@ def test_named_pipelines_expand():
     assert [op.name for op in p.ops] == ["resize", "stats"]
     assert p.ops[0].config["size"] == [32, 32]
     assert p.name == "quicklook_for_test"
+
+
+def test_auto_partition_rows_follow_threads_memory_and_caps():
+    from daskmv.engine import MAX_COLUMN_PARTITION_ROWS, MAX_PARTITION_ROWS, auto_partition_rows
+
+    assert auto_partition_rows(300, 2) == 19  # about 8 partitions per thread
+    assert auto_partition_rows(10, 2) == 16  # never tiny
+    assert auto_partition_rows(10**6, 2) == MAX_PARTITION_ROWS
+    assert auto_partition_rows(10**7, 2, reads_files=False) == MAX_COLUMN_PARTITION_ROWS
+    big = Pipeline.parse([{"resize": {"size": 2048}}]).row_bytes  # 12 MB a row
+    assert auto_partition_rows(10**6, 2, row_bytes=big) == (256 << 20) // big
+    assert Pipeline.parse([{"resize": {"size": [64, 32]}}, "stats"]).row_bytes == 64 * 32 * 3

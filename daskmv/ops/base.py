@@ -115,6 +115,13 @@ class Op:
         """Outputs of this instance (may depend on parameters)."""
         return self.outputs
 
+    def row_bytes(self) -> int:
+        """About how many bytes of array output one row makes: sizes partitions to a memory budget.
+
+        The default guesses 64 KB per array output; ops whose outputs have a known size say so.
+        """
+        return sum(64 << 10 for out in self.output_specs() if out.kind == "array")
+
     def setup(self, device: str) -> None:
         """Load models and other per-process state. Called once per worker process before use."""
 

@@ -70,6 +70,9 @@ class Resize(Op):
         self.config["size"] = list(self.size)
         self.flag = INTERPOLATIONS[self.config["interpolation"]]
 
+    def row_bytes(self) -> int:
+        return self.size[0] * self.size[1] * 3
+
     def process(self, rows: list[Row]) -> list[Row | BaseException]:
         return [{"resized": cv2.resize(row["image"], self.size, interpolation=self.flag)} for row in rows]
 
