@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import math
 import posixpath
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 import fsspec
@@ -47,16 +49,29 @@ def chunk_layout(n: int, row_nbytes: int) -> tuple[int, int]:
     return rows_per_chunk, math.ceil(n / rows_per_chunk) * rows_per_chunk
 
 
-class PartitionArray:
-    """One output's values for one partition, gathered straight into the array that will be written.
+@dataclass(frozen=True)
+class Sink:
+    """Where a partition array may be streamed as it is made: an uncompressed array on ``fs``."""
 
-    While every value has the same shape and dtype they are copied into one ``[rows, ...]`` buffer
-    (no list of per-row arrays, no stacking copy at the end); a value of another shape switches to a
-    list, written ragged.
+    fs: fsspec.AbstractFileSystem
+    url: str
+    options: dict[str, Any] | None = None
+
+
+class PartitionArray:
+    """One output's values for one partition, gathered straight into what will be written.
+
+    With a :class:`Sink` (local roots, uncompressed outputs) the values stream into the array's shard
+    file one inner chunk at a time as rows become final (:meth:`flush`), written on a background
+    thread: writes overlap compute and memory holds only the chunks of the current batch. Without one,
+    same-shaped values are copied into one ``[rows, ...]`` buffer written at the end. A value of
+    another shape switches to a list, written ragged.
     """
 
-    def __init__(self, n: int) -> None:
+    def __init__(self, n: int, sink: Sink | None = None) -> None:
         self.n = n
+        self.sink = sink
+        self.stream: ShardStream | None = None
         self.buffer: np.ndarray | None = None
         self.rows_per_chunk = 1
         self.present = np.zeros(n, dtype=bool)
@@ -65,26 +80,153 @@ class PartitionArray:
     def set(self, i: int, value: np.ndarray) -> None:
         if self.values is not None:
             self.values[i] = value
-        elif self.buffer is None:
+        elif self.stream is None and self.buffer is None:
             self.rows_per_chunk, shard_rows = chunk_layout(self.n, value.nbytes)
-            self.buffer = np.empty((shard_rows, *value.shape), dtype=value.dtype)
-            self.buffer[i] = value
-        elif value.shape == self.buffer.shape[1:] and value.dtype == self.buffer.dtype:
-            self.buffer[i] = value
+            if self.sink is not None:
+                self.stream = ShardStream(self.sink, self.n, value.shape, value.dtype, self.rows_per_chunk)
+                self.stream.put(i, value)
+            else:
+                self.buffer = np.empty((shard_rows, *value.shape), dtype=value.dtype)
+                self.buffer[i] = value
+        elif (value.shape, value.dtype) == self._layout():
+            if self.stream is not None:
+                self.stream.put(i, value)
+            else:
+                self.buffer[i] = value  # type: ignore[index]
         else:
-            self.values = [self.buffer[j].copy() if self.present[j] else None for j in range(self.n)]
-            self.buffer = None
+            self.values = self._all_values()
             self.values[i] = value
         self.present[i] = True
 
+    def _layout(self) -> tuple[tuple[int, ...], np.dtype]:
+        if self.stream is not None:
+            return self.stream.row_shape, self.stream.dtype
+        assert self.buffer is not None
+        return self.buffer.shape[1:], self.buffer.dtype
+
+    def _all_values(self) -> list[np.ndarray | None]:
+        """Every value so far as a list (leaving the stacked buffer or stream behind)."""
+        if self.stream is not None:
+            rows = self.stream.abandon()
+            self.stream = None
+        else:
+            rows, self.buffer = self.buffer, None
+        assert rows is not None
+        return [rows[j].copy() if self.present[j] else None for j in range(self.n)]
+
     def drop(self, i: int) -> None:
         """Forget row ``i``'s value (its row ended in an error after this output was made)."""
+        if not self.present[i]:
+            return
         self.present[i] = False
         if self.values is not None:
             self.values[i] = None
+        elif self.stream is not None:
+            self.stream.put(i, None)
+
+    def flush(self, final_rows: int) -> None:
+        """Rows below ``final_rows`` will not change again: stream out the chunks they complete."""
+        if self.stream is not None:
+            self.stream.flush(final_rows)
 
     def __bool__(self) -> bool:
         return bool(self.present.any())
+
+
+class ShardStream:
+    """The single shard of an uncompressed stacked array, written chunk by chunk, index last.
+
+    The layout is the Zarr v3 sharding codec's with its default index codecs: inner chunks in order,
+    then ``(offset, length)`` per chunk as little-endian uint64, then the index's CRC32C. Zarr writes
+    the array's metadata first; the tests check the file is byte-identical to Zarr's own encoding.
+    """
+
+    def __init__(self, sink: Sink, n: int, row_shape: tuple[int, ...], dtype: np.dtype, rows_per_chunk: int) -> None:
+        self.sink, self.n, self.row_shape, self.dtype = sink, n, tuple(row_shape), np.dtype(dtype)
+        self.k = rows_per_chunk
+        _, shard_rows = chunk_layout(n, int(np.prod(row_shape, dtype=np.int64)) * self.dtype.itemsize)
+        self.n_chunks = shard_rows // self.k
+        zarr.create_array(
+            sink.url, shape=(n, *row_shape), dtype=self.dtype, chunks=(self.k, *row_shape),
+            shards=(shard_rows, *row_shape), compressors=None, overwrite=True, storage_options=sink.options,
+            config=WRITE_CONFIG, attributes={"daskmv": {"layout": "stacked"}},
+        )
+        self.key = posixpath.join(sink.url, "c", *(["0"] * (1 + len(row_shape))))
+        sink.fs.makedirs(posixpath.dirname(self.key), exist_ok=True)
+        self.fh = sink.fs.open(self.key, "wb")
+        self.chunks: dict[int, np.ndarray] = {}  # chunks not yet written, by chunk number
+        self.next_chunk = 0
+        self.writes: list[Future[Any]] = []
+
+    def put(self, i: int, value: np.ndarray | None) -> None:
+        c = i // self.k
+        if c < self.next_chunk:
+            raise RuntimeError(f"row {i} changed after its chunk was written")
+        chunk = self.chunks.get(c)
+        if chunk is None:
+            chunk = self.chunks[c] = np.zeros((self.k, *self.row_shape), dtype=self.dtype)
+        chunk[i - c * self.k] = 0 if value is None else value
+
+    def flush(self, final_rows: int) -> None:
+        last = min(self.n_chunks, final_rows // self.k if final_rows < self.n else self.n_chunks)
+        while self.next_chunk < last:
+            chunk = self.chunks.pop(self.next_chunk, None)
+            if chunk is None:  # no row of this chunk had a value
+                chunk = np.zeros((self.k, *self.row_shape), dtype=self.dtype)
+            self.writes.append(_WRITER.submit(self.fh.write, _le_bytes(chunk)))
+            self.next_chunk += 1
+
+    def finish(self) -> None:
+        """Write what is left, the index and its checksum; wait for every write; close the file."""
+        self.flush(self.n)
+        chunk_bytes = self.k * int(np.prod(self.row_shape, dtype=np.int64)) * self.dtype.itemsize
+        self.writes.append(_WRITER.submit(self.fh.write, _shard_index(self.n_chunks, len(self.row_shape) + 1,
+                                                                       chunk_bytes)))
+        try:
+            for future in self.writes:
+                future.result()
+        finally:
+            self.fh.close()
+
+    def discard(self) -> None:
+        """Close the file without finishing it (the partition failed; no marker will point here)."""
+        for future in self.writes:
+            future.exception()
+        self.fh.close()
+
+    def abandon(self) -> np.ndarray:
+        """Stop streaming; return every row so far as ``[n, ...]`` (read back what was written)."""
+        for future in self.writes:
+            future.result()
+        self.fh.close()
+        rows = np.zeros((self.n_chunks * self.k, *self.row_shape), dtype=self.dtype)
+        if self.next_chunk:
+            with self.sink.fs.open(self.key, "rb") as fh:
+                done = np.frombuffer(fh.read(), dtype=self.dtype.newbyteorder("<"))
+            rows[: self.next_chunk * self.k] = done.reshape(-1, *self.row_shape)[: self.next_chunk * self.k]
+        for c, chunk in self.chunks.items():
+            rows[c * self.k : (c + 1) * self.k] = chunk
+        self.sink.fs.rm(self.sink.url, recursive=True)
+        return rows[: self.n]
+
+
+#: One background writer per process: chunk writes of every stream, in submission order.
+_WRITER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="daskmv-write")
+
+
+def _le_bytes(chunk: np.ndarray) -> memoryview:
+    data = np.ascontiguousarray(chunk)
+    if data.dtype.byteorder == ">":
+        data = data.astype(data.dtype.newbyteorder("<"))
+    return memoryview(data).cast("B")
+
+
+def _shard_index(n_chunks: int, ndim: int, chunk_bytes: int) -> bytes:
+    index = np.zeros((n_chunks, *([1] * (ndim - 1)), 2), dtype="<u8")
+    index[..., 0] = (np.arange(n_chunks, dtype=np.uint64) * chunk_bytes).reshape(index.shape[:-1])
+    index[..., 1] = chunk_bytes
+    index_bytes = index.tobytes()
+    return index_bytes + np.array([google_crc32c.value(index_bytes)], dtype="<u4").tobytes()
 
 
 def stack_rows(values: list[np.ndarray | None], rows: int) -> np.ndarray:
@@ -99,7 +241,10 @@ def stack_rows(values: list[np.ndarray | None], rows: int) -> np.ndarray:
 
 def write_partition_array(url: str, array: PartitionArray, options: dict[str, Any] | None,
                           compression: str | None, fs: fsspec.AbstractFileSystem | None = None) -> None:
-    """Write a partition's values: stacked from its buffer, or ragged when shapes differed."""
+    """Write a partition's values: finish its stream, or write its buffer, or ragged when shapes differed."""
+    if array.stream is not None:
+        array.stream.finish()
+        return
     if array.values is not None:
         present = [v for v in array.values if v is not None]
         if len({(v.shape, v.dtype) for v in present}) == 1:
@@ -115,7 +260,7 @@ def write_partition_array(url: str, array: PartitionArray, options: dict[str, An
         url, shape=(array.n, *data.shape[1:]), dtype=data.dtype, chunks=(array.rows_per_chunk, *data.shape[1:]),
         shards=data.shape, compressors=compressors(compression), overwrite=True,
         storage_options=options, config=WRITE_CONFIG,
-        attributes={"daskmv": {"layout": "stacked", "present": array.present.tolist()}},
+        attributes={"daskmv": {"layout": "stacked"}},
     )
     if compression is None and fs is not None:
         _write_raw_shard(fs, url, data, array.rows_per_chunk)
@@ -143,21 +288,12 @@ def write_stacked(url: str, values: list[np.ndarray | None], options: dict[str, 
 
 def _write_raw_shard(fs: fsspec.AbstractFileSystem, url: str, data: np.ndarray, rows_per_chunk: int) -> None:
     """The single shard of an uncompressed array chunked along rows: chunk bytes, index, CRC32C."""
-    n_chunks = data.shape[0] // rows_per_chunk
     chunk_bytes = rows_per_chunk * int(np.prod(data.shape[1:], dtype=np.int64)) * data.dtype.itemsize
-    index = np.zeros((n_chunks, *([1] * (data.ndim - 1)), 2), dtype="<u8")
-    index[..., 0] = (np.arange(n_chunks, dtype=np.uint64) * chunk_bytes).reshape(index.shape[:-1])
-    index[..., 1] = chunk_bytes
-    index_bytes = index.tobytes()
-    crc = np.array([google_crc32c.value(index_bytes)], dtype="<u4").tobytes()
     key = posixpath.join(url, "c", *(["0"] * data.ndim))
     fs.makedirs(posixpath.dirname(key), exist_ok=True)
-    payload = np.ascontiguousarray(data)
-    if payload.dtype.byteorder == ">":
-        payload = payload.astype(payload.dtype.newbyteorder("<"))
     with fs.open(key, "wb") as fh:
-        fh.write(memoryview(payload).cast("B"))
-        fh.write(index_bytes + crc)
+        fh.write(_le_bytes(data))
+        fh.write(_shard_index(data.shape[0] // rows_per_chunk, data.ndim, chunk_bytes))
 
 
 def write_ragged(url: str, values: list[np.ndarray | None], dtype: np.dtype, options: dict[str, Any] | None,

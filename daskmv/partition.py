@@ -163,7 +163,7 @@ def run_partition(task: PartitionTask) -> dict[str, Any]:
     rows = task.rows
     if task.retry_ids is not None:
         rows = rows[rows["id"].isin(task.retry_ids)].reset_index(drop=True)
-    result = _process_rows(prepared, rows, task)
+    result = _process_rows(prepared, rows, task, store)
     specs = [spec for op in prepared.ops for spec in op.output_specs()]
     table = result_table(specs, rows, result, store, task)
     if task.retry_ids is not None:
@@ -220,10 +220,12 @@ class RowResults:
     oom_backoffs: int = 0
 
     @classmethod
-    def empty(cls, specs: Sequence[Output], n: int, n_ops: int = 0) -> RowResults:
+    def empty(cls, specs: Sequence[Output], n: int, n_ops: int = 0,
+              sinks: dict[str, Sink | None] | None = None) -> RowResults:
+        sinks = sinks or {}
         return cls(
             columns={s.name: [None] * n for s in specs if s.kind == "column"},
-            arrays={s.name: PartitionArray(n) for s in specs if s.kind == "array"},
+            arrays={s.name: PartitionArray(n, sinks.get(s.name)) for s in specs if s.kind == "array"},
             errors=[None] * n, seconds=np.zeros(n), op_seconds=[0.0] * n_ops,
         )
 
@@ -234,6 +236,17 @@ class RowResults:
             else:
                 self.columns[name][i] = value
 
+    def flush(self, final_rows: int) -> None:
+        """Rows below ``final_rows`` are done: let the arrays stream them out."""
+        for array in self.arrays.values():
+            array.flush(final_rows)
+
+    def discard(self) -> None:
+        """Close any array streams of a partition that failed (its files are rewritten on retry)."""
+        for array in self.arrays.values():
+            if array.stream is not None:
+                array.stream.discard()
+
     def fail(self, i: int, message: str) -> None:
         """Row ``i`` is an error: no value of any output is kept for it."""
         self.errors[i] = message
@@ -243,11 +256,22 @@ class RowResults:
             values[i] = None
 
 
-def _process_rows(prepared: PreparedPipeline, rows: pd.DataFrame, task: PartitionTask) -> RowResults:
+def _process_rows(prepared: PreparedPipeline, rows: pd.DataFrame, task: PartitionTask, store: Store) -> RowResults:
     n = len(rows)
     records = rows.to_dict("records")
     specs = [spec for op in prepared.ops for spec in op.output_specs()]
-    res = RowResults.empty(specs, n, len(prepared.ops))
+    sinks = {s.name: store.array_sink(s.name, task.index, task.generation, s.compression)
+             for s in specs if s.kind == "array"}
+    res = RowResults.empty(specs, n, len(prepared.ops), sinks)
+    try:
+        _process_batches(prepared, records, task, res)
+    except BaseException:
+        res.discard()
+        raise
+    return res
+
+
+def _process_batches(prepared: PreparedPipeline, records: list[Row], task: PartitionTask, res: RowResults) -> None:
     for batch in _loaded_batches(records, prepared.loader_inputs, task):
         live: list[tuple[int, Row]] = []
         for i, loaded, seconds in batch:
@@ -275,7 +299,7 @@ def _process_rows(prepared: PreparedPipeline, rows: pd.DataFrame, task: Partitio
                 res.record(i, checked)
                 still.append((i, row))
             live = still
-    return res
+        res.flush(batch[-1][0] + 1)
 
 
 def _loaded_batches(

@@ -35,7 +35,7 @@ import pyarrow.parquet as pq
 import zarr
 from fsspec.core import url_to_fs
 
-from daskmv.arrays import PartitionArray, write_partition_array
+from daskmv.arrays import PartitionArray, Sink, write_partition_array
 from daskmv.errors import StoreError
 
 RUN_JSON = "run.json"
@@ -295,11 +295,17 @@ class Store:
         shard (one file, one row readable alone). Values of different shapes are stored ragged: a
         flat ``data`` array with ``offsets`` and ``shapes``.
         """
-        if not array:
+        if array.stream is None and not array:
             return [None] * array.n
         url = self.url(ZARR, output, partition_name(index, generation))
         write_partition_array(url, array, self._zarr_options(), compression, fs=self.fs if self.local else None)
         return [array_ref(output, index, generation, i) if p else None for i, p in enumerate(array.present)]
+
+    def array_sink(self, output: str, index: int, generation: int, compression: str | None) -> Sink | None:
+        """Where a partition array can stream as rows finish: local roots, uncompressed outputs."""
+        if not self.local or compression is not None:
+            return None
+        return Sink(self.fs, self.url(ZARR, output, partition_name(index, generation)))
 
     def _zarr_options(self) -> dict[str, Any] | None:
         return None if self.local else (self.storage_options or None)

@@ -37,7 +37,7 @@ def test_direct_shard_equals_zarr_encoding(tmp_path, shape, dtype, n):
     for i, v in enumerate(values):
         expected = np.zeros(shape, dtype) if v is None else v
         assert np.array_equal(read_array_row(str(fast), i), expected)
-    assert arr.attrs["daskmv"]["present"] == [v is not None for v in values]
+    assert arr.attrs["daskmv"]["layout"] == "stacked"
 
 
 def test_inner_chunks_hold_several_small_rows_and_one_large_row(tmp_path):
@@ -79,3 +79,48 @@ def test_stack_rows_pads_with_zeros():
     values = [np.full(2, 5), None, np.full(2, 7)]
     out = stack_rows(values, 4)
     assert out.tolist() == [[5, 5], [0, 0], [7, 7], [0, 0]]
+
+
+def _stream(tmp_path, values, batch=4):
+    """Feed values the way the engine does: row by row, flushing after each batch."""
+    from daskmv.arrays import PartitionArray, Sink, write_partition_array
+
+    url = str(tmp_path / "streamed")
+    array = PartitionArray(len(values), Sink(fsspec.filesystem("file"), url))
+    for start in range(0, len(values), batch):
+        for i in range(start, min(start + batch, len(values))):
+            if values[i] is not None:
+                array.set(i, values[i])
+        array.flush(min(start + batch, len(values)))
+    write_partition_array(url, array, None, None, fs=fsspec.filesystem("file"))
+    return url
+
+
+@pytest.mark.parametrize("shape", [(24, 32, 3), (600, 600, 3), (5,)])
+def test_streamed_shard_equals_zarr_encoding(tmp_path, shape):
+    rng = np.random.default_rng(1)
+    values = [(rng.random(shape) * 200).astype(np.uint8) for _ in range(23)]
+    values[3] = values[17] = None
+    url = _stream(tmp_path, values)
+    write_stacked(str(tmp_path / "slow"), values, None, None, fs=None)
+    assert shard_file(Path(url)).read_bytes() == shard_file(tmp_path / "slow").read_bytes()
+    for i, v in enumerate(values):
+        assert np.array_equal(read_array_row(url, i), np.zeros(shape, np.uint8) if v is None else v)
+
+
+def test_stream_drops_rows_and_switches_to_ragged(tmp_path):
+    from daskmv.arrays import PartitionArray, Sink, write_partition_array
+
+    fs = fsspec.filesystem("file")
+    url = str(tmp_path / "mixed")
+    array = PartitionArray(12, Sink(fs, url))
+    for i in range(8):
+        array.set(i, np.full((100, 100), i, np.uint8))
+    array.flush(4)  # rows 0-3 are written out
+    array.drop(5)
+    array.set(8, np.full((3, 3), 8, np.uint8))  # another shape: ragged from here on
+    write_partition_array(url, array, None, None, fs=fs)
+    assert array.present.tolist() == [True] * 5 + [False] + [True] * 3 + [False] * 3
+    for i in (0, 3, 4, 6, 7):
+        assert (read_array_row(url, i) == i).all() and read_array_row(url, i).shape == (100, 100)
+    assert read_array_row(url, 8).shape == (3, 3)
