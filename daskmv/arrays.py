@@ -5,11 +5,13 @@ about :data:`INNER_CHUNK_BYTES` inside a single shard. Values of different shape
 group: a flat ``data`` array with ``offsets`` and ``shapes``.
 
 Uncompressed stacked arrays are the hot path of every image pipeline, so their shard is written
-directly: Zarr writes the array's metadata, and the shard file is the rows' bytes followed by the
-standard shard index (``(offset, length)`` per inner chunk, little-endian uint64, then its CRC32C), the
-layout of the Zarr v3 sharding codec with its default index codecs. Zarr's own encoder copies every
-inner chunk two or three times and cost 30-50 ms per 38 MB partition; this costs one write. The tests
-read these files back with Zarr itself.
+directly, and on a local root streamed while the partition runs (:class:`ShardStream`): Zarr writes the
+array's metadata, and the shard file is the inner chunks in order followed by the standard shard index
+(``(offset, length)`` per chunk, little-endian uint64, then its CRC32C), the layout of the Zarr v3
+sharding codec with its default index codecs. Zarr's own encoder copies every inner chunk two or three
+times, holds the whole partition, and writes it in one burst at the end; streaming overlaps the writes
+with compute and holds one batch. The tests check the files are byte-identical to Zarr's own encoding
+and read them back with Zarr. Compressed outputs go through Zarr's encoder.
 """
 
 from __future__ import annotations
