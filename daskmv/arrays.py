@@ -231,16 +231,6 @@ def _shard_index(n_chunks: int, ndim: int, chunk_bytes: int) -> bytes:
     return index_bytes + np.array([google_crc32c.value(index_bytes)], dtype="<u4").tobytes()
 
 
-def stack_rows(values: list[np.ndarray | None], rows: int) -> np.ndarray:
-    """``[rows, ...]`` with each value in its row and zeros for missing values and padding rows."""
-    first = next(v for v in values if v is not None)
-    data = np.zeros((rows, *first.shape), dtype=first.dtype)
-    for i, v in enumerate(values):
-        if v is not None:
-            data[i] = v
-    return data
-
-
 def write_partition_array(url: str, array: PartitionArray, options: dict[str, Any] | None,
                           compression: str | None, fs: fsspec.AbstractFileSystem | None = None) -> None:
     """Write a partition's values: finish its stream, or write its buffer, or ragged when shapes differed."""

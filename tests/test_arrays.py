@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import zarr
 
-from daskmv.arrays import INNER_CHUNK_BYTES, read_array_row, stack_rows, write_ragged, write_stacked
+from daskmv.arrays import INNER_CHUNK_BYTES, read_array_row, write_ragged, write_stacked
 
 
 def shard_file(url: Path) -> Path:
@@ -73,12 +73,6 @@ def test_ragged_round_trip(tmp_path):
     for i, v in enumerate(values[:-1]):
         got = read_array_row(url, i)
         assert got.shape == v.shape and np.array_equal(got, v)
-
-
-def test_stack_rows_pads_with_zeros():
-    values = [np.full(2, 5), None, np.full(2, 7)]
-    out = stack_rows(values, 4)
-    assert out.tolist() == [[5, 5], [0, 0], [7, 7], [0, 0]]
 
 
 def _stream(tmp_path, values, batch=4):

@@ -7,7 +7,6 @@ import time
 
 import numpy as np
 
-from daskmv.errors import RowError
 from daskmv.ops import Op, Output, Param
 
 
@@ -125,26 +124,6 @@ class WhereAmI(Op):
         from distributed import get_worker
 
         return [{"worker": get_worker().address} for _ in rows]
-
-
-class NoImageRead(Op):
-    """The trivial op of the engine benchmarks: no file read, one scalar output."""
-
-    name = "testops:NoImageRead"
-    inputs = ("label",)
-    outputs = (Output("label_sq", "column", "int64"),)
-
-    def process(self, rows):
-        return [{"label_sq": row["label"] * row["label"]} for row in rows]
-
-
-class BadRow(Op):
-    name = "testops:BadRow"
-    inputs = ("label",)
-    outputs = (Output("x", "column", "int64"),)
-
-    def process(self, rows):
-        raise RowError("always")
 
 
 class CountRuns(Op):
