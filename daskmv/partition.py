@@ -6,7 +6,8 @@ This is the one function every cluster runs (:func:`run_partition`). Inside it:
   every op of the pipeline shares that one decode;
 - ops run on micro-batches; an out-of-memory error halves the batch for that op (remembered by the
   worker process) and retries; any other exception is pinned to the row that raised it;
-- arrays go to Zarr first, then the partition's rows (Parquet), then its completion marker.
+- array outputs stream into their Zarr shard as rows finish; then the partition's rows (Parquet) are
+  written, then its completion marker: a marker always means the data is there.
 
 Ops are built and set up once per worker process and kept by :class:`OpCache`, a named, idempotent
 ``WorkerPlugin``.
@@ -70,6 +71,10 @@ class PreparedPipeline:
     loader_inputs: frozenset[str]
     batch_limits: dict[int, int] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def specs(self) -> list[Output]:
+        return [spec for op in self.ops for spec in op.output_specs()]
 
 
 class OpCache(WorkerPlugin):
@@ -164,8 +169,7 @@ def run_partition(task: PartitionTask) -> dict[str, Any]:
     if task.retry_ids is not None:
         rows = rows[rows["id"].isin(task.retry_ids)].reset_index(drop=True)
     result = _process_rows(prepared, rows, task, store)
-    specs = [spec for op in prepared.ops for spec in op.output_specs()]
-    table = result_table(specs, rows, result, store, task)
+    table = result_table(prepared.specs, rows, result, store, task)
     if task.retry_ids is not None:
         table = _merge_retry(store.read_part(task.index), table, task.rows["id"].tolist())
     store.write_part(task.index, table)
@@ -259,10 +263,9 @@ class RowResults:
 def _process_rows(prepared: PreparedPipeline, rows: pd.DataFrame, task: PartitionTask, store: Store) -> RowResults:
     n = len(rows)
     records = rows.to_dict("records")
-    specs = [spec for op in prepared.ops for spec in op.output_specs()]
     sinks = {s.name: store.array_sink(s.name, task.index, task.generation, s.compression)
-             for s in specs if s.kind == "array"}
-    res = RowResults.empty(specs, n, len(prepared.ops), sinks)
+             for s in prepared.specs if s.kind == "array"}
+    res = RowResults.empty(prepared.specs, n, len(prepared.ops), sinks)
     try:
         _process_batches(prepared, records, task, res)
     except BaseException:
