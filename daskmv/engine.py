@@ -12,6 +12,7 @@ are skipped: that is how an interrupted run resumes.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import heapq
 import importlib.metadata
@@ -29,7 +30,7 @@ from distributed import Client
 
 from daskmv.assemble import ManifestWriter, SchemaMismatch
 from daskmv.cluster import connect, worker_summary
-from daskmv.errors import RunError
+from daskmv.errors import RunError, StoreError, UsageError
 from daskmv.manifest import Manifest, read_manifest
 from daskmv.partition import OpCache, PartitionTask, failed_partition_table, run_partition
 from daskmv.pipeline import Pipeline
@@ -112,6 +113,10 @@ def run(
     ``options`` says where to run (see :class:`RunOptions`). Raises UsageError subclasses for bad
     input before any work starts, RunError when the run could not complete.
     """
+    unknown = sorted(set(options) - {f.name for f in dataclasses.fields(RunOptions)})
+    if unknown:
+        known = ", ".join(f.name for f in dataclasses.fields(RunOptions))
+        raise UsageError(f"unknown run option(s) {', '.join(unknown)} (options: {known})")
     opts = RunOptions(**options)
     with _system_arrow_pool():
         return _run(manifest, pipeline, out, client, opts)
@@ -168,8 +173,6 @@ def _known_partition_rows(previous: dict[str, Any] | None, asked: int | None) ->
         return asked
     recorded = previous.get("binding", {}).get("partition_rows")
     if asked is not None and recorded is not None and asked != recorded:
-        from daskmv.errors import StoreError
-
         raise StoreError(f"this output root was made with --partition-rows {recorded}; resuming needs the same "
                          "value (or --overwrite)")
     return recorded if recorded is not None else asked

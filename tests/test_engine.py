@@ -263,6 +263,8 @@ def test_gpu_ops_run_on_cpu_workers_when_no_gpu_is_declared(dataset, client, tmp
 
 def test_bad_pipeline_is_refused_before_any_work(dataset, client, tmp_path):
     out = tmp_path / "never"
+    with pytest.raises(daskmv.UsageError, match="unknown run option.*partition_row\\b"):
+        daskmv.run(str(dataset / "manifest.csv"), "resize", str(out), client=client, partition_row=5)
     with pytest.raises(PipelineError, match="reads files but the manifest has no column 'nope'"):
         daskmv.run(str(dataset / "manifest.csv"), "resize", str(out), client=client, path_column="nope",
                    progress="none", id_column="path")
