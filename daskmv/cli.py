@@ -77,6 +77,7 @@ def run(
     decode_threads: Optional[int] = typer.Option(None, help="File read/decode threads per worker (default 2)."),
     require_gpu: bool = typer.Option(False, "--require-gpu", help="Refuse to run GPU ops on CPU workers."),
     progress: Optional[str] = typer.Option(None, help="auto, bar, log or none."),
+    report: bool = typer.Option(False, "--report", help="Write OUT/report.html when the run ends."),
 ) -> None:
     """Run a pipeline over every row of MANIFEST, writing outputs and a new manifest into --out."""
     from daskmv.engine import run as run_pipeline
@@ -101,6 +102,8 @@ def run(
             raise UsageError("no output root: give --out DIR")
         result = run_pipeline(manifest, spec, root, **settings)
     except DaskmvError as exc:
+        if report and root:
+            _try_report(root)
         raise _fail(exc) from None
     except KeyboardInterrupt:
         err.print("[bold red]interrupted:[/] finished partitions are kept; run the same command to resume")
@@ -108,6 +111,34 @@ def run(
     out.print(f"[bold green]done:[/] {escape(result.summary())}", highlight=False, soft_wrap=True)
     if result.counts.get("error"):
         out.print(f"row errors are listed in {result.out}/errors.log", highlight=False, soft_wrap=True)
+    if report:
+        _try_report(result.out)
+
+
+def _try_report(root: str) -> None:
+    from daskmv.report import build_report
+
+    try:
+        out.print(f"report: {build_report(root)}", highlight=False, soft_wrap=True)
+    except DaskmvError as exc:
+        err.print(f"no report: {escape(str(exc))}", highlight=False)
+
+
+@app.command("report")
+def report_cmd(
+    root: str = typer.Argument(..., help="An output root."),
+    n: int = typer.Option(16, "--n", help="Rows in the gallery."),
+    seed: int = typer.Option(0, help="Seed of the gallery's sample."),
+    to: Optional[str] = typer.Option(None, "--to", help="Write here instead of ROOT/report.html."),
+) -> None:
+    """Write ROOT/report.html: summary, timeline, errors and a gallery, in one self-contained file."""
+    from daskmv.report import build_report
+
+    try:
+        path = build_report(root, n=n, seed=seed, out=to)
+    except DaskmvError as exc:
+        raise _fail(exc) from None
+    out.print(f"report: {path}", highlight=False, soft_wrap=True)
 
 
 @app.command()

@@ -88,6 +88,19 @@ class RunResult:
     def manifest(self) -> pd.DataFrame:
         return pd.read_parquet(self.manifest_path, dtype_backend="numpy_nullable")
 
+    def report(self, n: int = 16, seed: int = 0) -> str:
+        """Write ``report.html`` into the output root (see :mod:`daskmv.report`); return its path."""
+        from daskmv.report import build_report
+
+        return build_report(self.out, n=n, seed=seed)
+
+    def _repr_html_(self) -> str:
+        from daskmv.report import REPORT, RunFacts, summary_html
+
+        facts = RunFacts.read(self.out)
+        link = facts.store.url(REPORT) if facts.store.exists(REPORT) else None
+        return summary_html(facts, link)
+
     def summary(self) -> str:
         c = self.counts
         return (f"{c.get('rows', 0):,} rows: {c.get('ok', 0):,} ok, {c.get('error', 0):,} errors "
@@ -216,6 +229,7 @@ class _Runner:
         self.computed: list[int] = []
         self.skipped: list[int] = []
         self.failed: dict[int, str] = {}
+        self.failed_attempts: list[dict[str, Any]] = []  # every failed attempt, for the report
         self.indices: list[int] = []
         # The final manifest is written while the run goes, in order, as partitions become ready.
         self.writer = ManifestWriter(store, csv=manifest.format == "csv")
@@ -353,6 +367,8 @@ class _Runner:
         exc = future.exception()
         future.release()
         message = f"{type(exc).__name__}: {exc}"
+        self.failed_attempts.append({"index": task.index, "attempt": task.attempt, "time": now(),
+                                     "error": message[:500]})
         if task.attempt <= self.opts.retries:
             delay = self.opts.retry_delay * 2 ** (task.attempt - 1)
             self.progress.note(f"partition {task.index} failed (attempt {task.attempt}): {message}; "
@@ -425,6 +441,7 @@ class _Runner:
             counts={**counts, "partitions": len(self.indices), "computed_partitions": len(self.computed),
                     "skipped_partitions": len(self.skipped), "failed_partitions": len(self.failed)},
             failed_partitions={str(k): v for k, v in self.failed.items()},
+            failed_attempts=self.failed_attempts,
             rows_per_second=round((self.progress.done - self.progress.skipped) / seconds, 2) if seconds else None,
         )
         self.store.write_json(RUN_JSON, run_doc)

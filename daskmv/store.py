@@ -109,6 +109,10 @@ class Store:
         """A URL (or local path) inside the root, for other libraries to open."""
         return "/".join([self.root, *parts])
 
+    def open(self, rel: str, mode: str = "rb") -> Any:
+        """A file inside the root, opened with the root's filesystem."""
+        return self.fs.open(self._p(rel), mode)
+
     def exists(self, *parts: str) -> bool:
         return self.fs.exists(self._p(*parts))
 

@@ -129,6 +129,16 @@ class Op:
         """Process a micro-batch; return one output dict (or an exception) per row, in order."""
         raise NotImplementedError
 
+    def gallery(self, row: Row) -> list[tuple[str, Any]]:
+        """Images that show this op's result for one row, for reports and contact sheets.
+
+        ``row`` holds the row's columns and its array outputs, loaded, by output name. The default shows
+        every array output of this op that looks like an image; ops whose results are not images
+        (points, matches, splats) override this to draw something a person can judge.
+        """
+        return [(out.name, row[out.name]) for out in self.output_specs()
+                if out.kind == "array" and looks_like_image(row.get(out.name))]
+
     # -- identity ----------------------------------------------------------------------------------
     def spec(self) -> dict[str, Any]:
         """What identifies this configured op: name, version and parameters (JSON-able)."""
@@ -151,3 +161,11 @@ def is_out_of_memory(exc: BaseException) -> bool:
     if name in ("OutOfMemoryError", "OutOfMemoryError_"):
         return True
     return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+
+
+def looks_like_image(value: Any) -> bool:
+    """An array that can be shown as a picture: [H, W] or [H, W, 1|3|4], at least 8 pixels a side."""
+    shape = getattr(value, "shape", None)
+    if shape is None or len(shape) not in (2, 3) or min(shape[:2]) < 8:
+        return False
+    return len(shape) == 2 or shape[2] in (1, 3, 4)
