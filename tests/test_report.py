@@ -92,7 +92,11 @@ def chromium(tmp_path_factory):
     """Debian's chromium, installed here when apt works (as root); a clear skip elsewhere."""
     exe = shutil.which("chromium") or shutil.which("chromium-browser")
     if exe is None and os.geteuid() == 0 and shutil.which("apt-get"):
-        subprocess.run(["apt-get", "install", "-y", "-q", "chromium"], capture_output=True, timeout=600)
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        install = ["apt-get", "install", "-y", "-q", "--no-install-recommends", "chromium"]
+        if subprocess.run(install, capture_output=True, timeout=900, env=env).returncode != 0:
+            subprocess.run(["apt-get", "update", "-q"], capture_output=True, timeout=600, env=env)
+            subprocess.run(install, capture_output=True, timeout=900, env=env)
         exe = shutil.which("chromium")
     if exe is None:
         pytest.skip("no chromium, and it cannot be installed here (needs root and apt-get)")
