@@ -42,6 +42,7 @@ class ManifestWriter:
         self._files: dict[str, Any] = {}
         self._parquet: pq.ParquetWriter | None = None
         self._csv: pacsv.CSVWriter | None = None
+        self.committed = False
 
     def _open(self, schema: pa.Schema) -> None:
         from daskmv.store import ERRORS_LOG, MANIFEST, MANIFEST_CSV
@@ -79,11 +80,15 @@ class ManifestWriter:
             self._errors.write(_error_lines(table).encode())
 
     def _close(self) -> None:
-        for writer in (self._parquet, self._csv):
-            if writer is not None:
-                writer.close()
-        for fh in self._files.values():
-            fh.close()
+        writers, self._parquet, self._csv = (self._parquet, self._csv), None, None
+        files, self._files = list(self._files.values()), {}
+        try:
+            for writer in writers:
+                if writer is not None:
+                    writer.close()
+        finally:
+            for fh in files:
+                fh.close()
 
     def commit(self) -> dict[str, int]:
         """Close and rename into place; an empty run still gets (empty) files."""
@@ -95,15 +100,22 @@ class ManifestWriter:
         self._close()
         for final, tmp in self.names.items():
             self.store.fs.mv(f"{self.store.path}/{tmp}", f"{self.store.path}/{final}")
+        self.committed = True
         if not self.csv:
             self.store.remove(MANIFEST_CSV)
         return dict(self.counts)
 
     def abort(self) -> None:
-        """Close and delete the temporary files."""
-        self._close()
+        """Close and delete the temporary files (nothing to do after a commit)."""
+        if self.committed:
+            return
+        try:
+            self._close()
+        except OSError:  # closing flushes buffers, which fails again on a full disk
+            pass
         for tmp in self.names.values():
             self.store.remove(tmp)
+        self.committed = True
 
 
 def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:

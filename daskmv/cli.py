@@ -76,7 +76,7 @@ def run(
     retries: Optional[int] = typer.Option(None, help="Retries of a failed partition, with back-off (default 3)."),
     decode_threads: Optional[int] = typer.Option(None, help="File read/decode threads per worker (default 2)."),
     require_gpu: bool = typer.Option(False, "--require-gpu", help="Refuse to run GPU ops on CPU workers."),
-    progress: Optional[str] = typer.Option(None, help="auto, bar, log or none."),
+    progress: Optional[str] = typer.Option(None, help="auto, bar, notebook, log or none."),
     report: bool = typer.Option(False, "--report", help="Write OUT/report.html when the run ends."),
 ) -> None:
     """Run a pipeline over every row of MANIFEST, writing outputs and a new manifest into --out."""

@@ -3,6 +3,8 @@
 - ``local``: a ``dask_cuda.LocalCUDACluster`` with one worker per GPU (each declaring the resource
   ``GPU=1``) when CUDA GPUs are present, else a ``distributed.LocalCluster`` of worker processes;
 - ``tcp://host:port`` (or any scheduler address): join a running scheduler;
+- ``slurm`` or ``slurm:PROFILE``: a dask-jobqueue ``SLURMCluster`` (``--workers`` counts jobs), from the
+  Dask config's ``jobqueue`` settings, kept at strength as jobs end;
 - a ``Client`` passed in by the caller (Jupyter): used as it is, never closed by daskmv.
 
 :func:`connect` hands back a plain ``distributed.Client``.
@@ -109,6 +111,14 @@ def connect(
             note(f"started {type(lc).__name__} with {len(lc.workers)} worker(s); dashboard: {client.dashboard_link}")
             yield client
         return
+    if cluster == "slurm" or cluster.startswith("slurm:"):
+        profile = cluster.partition(":")[2] or None
+        with slurm_cluster(profile, jobs=workers, **cluster_kwargs) as sc, Client(sc) as client:
+            note(f"SLURM cluster{' ' + profile if profile else ''}: jobs submitted; dashboard: "
+                 f"{client.dashboard_link}; waiting for the first worker (squeue shows the jobs)")
+            client.wait_for_workers(1, timeout=SLURM_START_TIMEOUT)
+            yield client
+        return
     if cluster.startswith(SCHEDULER_SCHEMES):
         try:
             client = Client(cluster, timeout="20s")
@@ -118,7 +128,39 @@ def connect(
             note(f"connected to {cluster}; dashboard: {client.dashboard_link}")
             yield client
         return
-    raise UsageError(f"unknown --cluster {cluster!r}: use 'local' or a scheduler address such as tcp://host:8786")
+    raise UsageError(f"unknown --cluster {cluster!r}: use 'local', 'slurm', 'slurm:PROFILE' or a scheduler "
+                     "address such as tcp://host:8786")
+
+
+#: How long to wait for the first SLURM job to start before giving up (seconds).
+SLURM_START_TIMEOUT = float(os.environ.get("DASKMV_SLURM_START_TIMEOUT", 1800))
+
+
+def slurm_cluster(profile: str | None = None, jobs: int | None = None, minimum_jobs: int | None = None,
+                  maximum_jobs: int | None = None, **job_kwargs: Any) -> Any:
+    """A dask-jobqueue ``SLURMCluster`` kept at ``jobs`` jobs (or adaptive between min and max).
+
+    ``profile`` names a ``jobqueue.<profile>`` block of the Dask config (see deploy/slurm/jobqueue.yaml);
+    ``job_kwargs`` override its keys (cores, memory, processes, queue, account, walltime,
+    job_extra_directives, worker_extra_args, interface, scheduler_options, ...). daskmv invents no SLURM
+    setting of its own. Jobs that end (walltime, scancel, node failure) are replaced by the adaptive
+    scaler, so a run outlives its workers; finished partitions stay finished.
+    """
+    try:
+        from dask_jobqueue import SLURMCluster
+    except ImportError:
+        raise UsageError("--cluster slurm needs dask-jobqueue: pip install 'daskmv[slurm]'") from None
+    try:
+        cluster = SLURMCluster(config_name=profile, **job_kwargs) if profile else SLURMCluster(**job_kwargs)
+    except KeyError:
+        raise UsageError(f"--cluster slurm:{profile}: no jobqueue profile {profile!r} in the Dask config; copy "
+                         "deploy/slurm/jobqueue.yaml into ~/.config/dask/ (or $DASK_CONFIG) and edit it") from None
+    except ValueError as exc:  # a missing cores/memory: dask-jobqueue's message shows the corrected call
+        raise UsageError(f"--cluster slurm{':' + profile if profile else ''}: {exc}") from None
+    low = minimum_jobs if minimum_jobs is not None else (jobs or 1)
+    high = maximum_jobs if maximum_jobs is not None else max(low, jobs or 1)
+    cluster.adapt(minimum_jobs=low, maximum_jobs=high)
+    return cluster
 
 
 def worker_summary(client: Client) -> dict[str, Any]:

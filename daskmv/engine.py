@@ -12,6 +12,7 @@ are skipped: that is how an interrupted run resumes.
 from __future__ import annotations
 
 import contextlib
+import errno
 import dataclasses
 import hashlib
 import heapq
@@ -167,8 +168,15 @@ def _run(manifest: str | Manifest, pipeline: str | Pipeline | list[Any], out: st
                      note=progress.note, **opts.cluster_kwargs) as c:
             runner = _Runner(c, manifest, pipeline, store, opts, progress)
             return runner.run(binding, partition_rows)
+    except OSError as exc:  # the output root failed under us: full disk, lost mount, permissions
+        hint = "free some space" if exc.errno == errno.ENOSPC else "fix the output root"
+        raise RunError(f"cannot write to the output root {store.root}: {exc}; {hint} and run the same command "
+                       "again to resume (finished partitions are kept)") from None
     finally:
-        store.release_lock()
+        try:
+            store.release_lock()
+        except OSError:
+            pass
 
 
 def _binding(manifest: Manifest, pipeline: Pipeline) -> dict[str, Any]:
@@ -230,10 +238,12 @@ class _Runner:
         self.skipped: list[int] = []
         self.failed: dict[int, str] = {}
         self.failed_attempts: list[dict[str, Any]] = []  # every failed attempt, for the report
+        self._window_size, self._window_at = 2, float("-inf")
         self.indices: list[int] = []
         # The final manifest is written while the run goes, in order, as partitions become ready.
         self.writer = ManifestWriter(store, csv=manifest.format == "csv")
         self.ready: set[int] = set()
+        self.slurm_jobs: dict[str, list[int]] = {}
         self.next_out = 0
         self.streaming = True
 
@@ -255,18 +265,20 @@ class _Runner:
         self.store.write_json(RUN_JSON, run_doc)
         self.progress.note(f"{self.manifest.n_rows:,} rows in partitions of {partition_rows}; pipeline "
                            f"{self.pipeline.name} ({binding['fingerprint']}); output root {self.store.root}")
-        window = self.opts.window or max(2, 2 * (workers["gpu_workers"] if resources else workers["threads"]))
         markers = self.store.markers()
         self.progress.start(self.manifest.n_rows or 0)
         try:
-            self._loop(self._tasks(partition_rows, markers, binding["fingerprint"]), window, resources)
+            self._loop(self._tasks(partition_rows, markers, binding["fingerprint"]), resources)
         except BaseException:
             self.progress.close()
             self._cancel()
             self.writer.abort()
             raise
         self.progress.close()
-        counts = self._finish(run_doc, t0)
+        try:
+            counts = self._finish(run_doc, t0)
+        finally:
+            self.writer.abort()  # removes the temporary manifest files unless they were committed
         result = RunResult(
             out=self.store.root, manifest_path=self.store.url(MANIFEST), fingerprint=binding["fingerprint"],
             counts=counts, seconds=time.perf_counter() - t0, computed_partitions=self.computed,
@@ -293,6 +305,7 @@ class _Runner:
                 task.generation = marker.generation + 1
                 self.progress.advance(marker.ok)
             elif done:
+                self._record_job(marker.info)
                 self.skipped.append(index)
                 self.progress.advance(marker.rows, marker.errors)
                 self._ready(index)
@@ -317,11 +330,24 @@ class _Runner:
         return None
 
     # -- the loop ----------------------------------------------------------------------------------
-    def _loop(self, tasks: Iterator[PartitionTask], window: int, resources: dict[str, int] | None) -> None:
-        """Keep ``window`` tasks in flight; collect each as it finishes (done-callbacks, no polling)."""
+    def _window(self, resources: dict[str, int] | None) -> int:
+        """About two tasks per worker thread that may run them; re-read every few seconds, since
+        clusters grow (SLURM jobs starting, adaptive scaling) and shrink while a run goes."""
+        now_t = time.monotonic()
+        if self.opts.window:
+            return self.opts.window
+        if now_t - self._window_at > 3.0:
+            workers = worker_summary(self.client)
+            slots = workers["gpu_workers"] if resources else workers["threads"]
+            self._window_size, self._window_at = max(2, 2 * slots), now_t
+        return self._window_size
+
+    def _loop(self, tasks: Iterator[PartitionTask], resources: dict[str, int] | None) -> None:
+        """Keep a window of tasks in flight; collect each as it finishes (done-callbacks, no polling)."""
         exhausted = False
         while True:
             now_t = time.monotonic()
+            window = self._window(resources)
             while self.waiting and self.waiting[0][0] <= now_t and len(self.in_flight) < window:
                 _, _, task = heapq.heappop(self.waiting)
                 self._submit(task, resources)
@@ -361,6 +387,7 @@ class _Runner:
             future.release()
             self.computed.append(task.index)
             self.failed.pop(task.index, None)
+            self._record_job(marker)
             self.progress.advance(marker["processed_rows"], marker["errors"])
             self._ready(task.index)
             return
@@ -385,6 +412,12 @@ class _Runner:
                                             "time": now()})
         self.progress.advance(len(rows), len(rows))
         self._ready(task.index)
+
+    def _record_job(self, marker: dict[str, Any] | None) -> None:
+        """Remember which SLURM job ran a partition (for run.json; nothing off SLURM)."""
+        job = (marker or {}).get("slurm_job_id")
+        if job:
+            self.slurm_jobs.setdefault(str(job), []).append(int(marker["index"]))  # type: ignore[index]
 
     def _ready(self, index: int) -> None:
         """A partition's part is final: append every part that is now next in manifest order."""
@@ -442,6 +475,7 @@ class _Runner:
                     "skipped_partitions": len(self.skipped), "failed_partitions": len(self.failed)},
             failed_partitions={str(k): v for k, v in self.failed.items()},
             failed_attempts=self.failed_attempts,
+            slurm_jobs={job: sorted(parts) for job, parts in self.slurm_jobs.items()},
             rows_per_second=round((self.progress.done - self.progress.skipped) / seconds, 2) if seconds else None,
         )
         self.store.write_json(RUN_JSON, run_doc)

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import Literal
+from typing import Any, Literal
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-Mode = Literal["auto", "bar", "log", "none"]
+Mode = Literal["auto", "bar", "notebook", "log", "none"]
 
 
 class RunProgress:
@@ -18,8 +18,9 @@ class RunProgress:
     def __init__(self, mode: Mode = "auto", console: Console | None = None, log_every: float = 10.0) -> None:
         self.console = console or Console(stderr=True)
         if mode == "auto":
-            mode = "bar" if (self.console.is_terminal or self.console.is_jupyter) else "log"
+            mode = "notebook" if is_notebook() else ("bar" if self.console.is_terminal else "log")
         self.mode = mode
+        self._display: Any = None
         self.log_every = log_every
         self.total = self.done = self.errors = self.skipped = 0
         self._start = self._last_log = time.monotonic()
@@ -42,12 +43,19 @@ class RunProgress:
             )
             self._bar.start()
             self._task = self._bar.add_task("run", total=total, completed=already_done, rate="-", errors=already_errors)
+        elif self.mode == "notebook":
+            from IPython.display import HTML, display
+
+            self._display = display(HTML(self.html()), display_id=True)
 
     def advance(self, rows: int, errors: int = 0) -> None:
         self.done += rows
         self.errors += errors
         if self._bar is not None and self._task is not None:
             self._bar.update(self._task, completed=self.done, rate=f"{self.rate:,.0f}", errors=self.errors)
+        elif self.mode == "notebook" and self._display is not None and time.monotonic() - self._last_log >= 0.5:
+            self._last_log = time.monotonic()
+            self._update_notebook()
         elif self.mode == "log" and time.monotonic() - self._last_log >= self.log_every:
             self._last_log = time.monotonic()
             self.note(self.line())
@@ -67,13 +75,36 @@ class RunProgress:
         return (f"rows {self.done:,}/{self.total:,}  {self.rate:,.1f} rows/s  errors {self.errors:,}  "
                 f"ETA {eta_text}")
 
+    def html(self) -> str:
+        """The notebook display: a progress bar and the same figures as the terminal's."""
+        import html
+
+        return (f"<div><progress value='{self.done}' max='{max(1, self.total)}' style='width:60%'></progress> "
+                f"<code>{html.escape(self.line())}</code></div>")
+
+    def _update_notebook(self) -> None:
+        from IPython.display import HTML
+
+        self._display.update(HTML(self.html()))
+
     def close(self) -> None:
         if self._bar is not None:
             self._bar.stop()
             self._bar = None
+        elif self.mode == "notebook" and self._display is not None:
+            self._update_notebook()
         elif self.mode == "log":
             self.note(self.line())
 
 
 def is_notebook() -> bool:
-    return "ipykernel" in sys.modules
+    """True inside a Jupyter kernel (where a live terminal bar would not render)."""
+    if "ipykernel" not in sys.modules:
+        return False
+    try:
+        from IPython import get_ipython
+
+        shell = get_ipython()
+    except ImportError:
+        return False
+    return shell is not None and type(shell).__name__ == "ZMQInteractiveShell"

@@ -121,13 +121,20 @@ class Store:
         final = self._p(rel)
         tmp = self._p(f"{rel}.tmp-{uuid.uuid4().hex[:8]}")
         self.fs.makedirs(self._p(*rel.split("/")[:-1]) if "/" in rel else self.path, exist_ok=True)
-        if self.local:
-            with open(tmp, "wb") as fh:
-                fh.write(data)
-            os.replace(tmp, final)
-        else:
-            self.fs.pipe_file(tmp, data)
-            self.fs.mv(tmp, final)
+        try:
+            if self.local:
+                with open(tmp, "wb") as fh:
+                    fh.write(data)
+                os.replace(tmp, final)
+            else:
+                self.fs.pipe_file(tmp, data)
+                self.fs.mv(tmp, final)
+        except BaseException:  # a full disk, say: leave no half-written file behind
+            try:
+                self.fs.rm(tmp)
+            except (OSError, FileNotFoundError):
+                pass
+            raise
 
     def write_json(self, rel: str, doc: Any) -> None:
         self.write_bytes(rel, json.dumps(doc, indent=1, default=str).encode())

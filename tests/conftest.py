@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import cv2
@@ -16,6 +18,13 @@ SHARED_DATA = TESTS.parent.parent / "shared" / "data"
 # The helper ops in tests/testops.py must import in worker processes and subprocesses too.
 sys.path.insert(0, str(TESTS))
 os.environ["PYTHONPATH"] = os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+
+# A private Dask config folder for the suite and its subprocesses: dask-jobqueue writes a jobqueue.yaml into
+# the config folder when imported (not the user's home, then), and the SLURM tests read daskmv's profiles
+# from it exactly as a user who copied deploy/slurm/jobqueue.yaml would.
+DASK_CONFIG = tempfile.mkdtemp(prefix="daskmv-tests-dask-config-")
+shutil.copy(TESTS.parent / "deploy" / "slurm" / "jobqueue.yaml", DASK_CONFIG)
+os.environ["DASK_CONFIG"] = DASK_CONFIG
 
 N_GOOD = 300
 BAD_FILES = {

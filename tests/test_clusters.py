@@ -1,0 +1,171 @@
+"""Beyond one machine, for real: a SLURM started by the tests, scancel mid-run, a full disk, Jupyter.
+
+The SLURM tests start Debian's slurm-wlm and munge on this machine with deploy/slurm/local-cluster.sh (as
+root, with apt); where that cannot run they skip and say why. The commands are the README's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from conftest import N_GOOD
+from daskmv.data import load_output
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[1]
+LOCAL_SLURM = REPO / "deploy" / "slurm" / "local-cluster.sh"
+DASKMV = [sys.executable, "-m", "daskmv.cli"]
+
+#: What a one-node test cluster needs on top of the shipped daskmv-cpu profile (2 CPUs: 2 jobs of 1 core).
+SLURM_SITE = {
+    "retry_delay": 0.2,
+    "cluster_kwargs": {
+        "cores": 1, "processes": 1, "memory": "2GB", "queue": "debug", "walltime": "00:10:00",
+        "interface": "lo", "scheduler_options": {"interface": "lo", "dashboard_address": ":0"},
+    },
+}
+
+
+def markers(out: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted((out / "parts").glob("p*[0-9].json"))]
+
+
+@pytest.fixture(scope="module")
+def slurm():
+    if shutil.which("bash") is None:
+        pytest.skip("no bash to run deploy/slurm/local-cluster.sh")
+    proc = subprocess.run([str(LOCAL_SLURM), "up"], capture_output=True, text=True, timeout=900)
+    if proc.returncode == 3:
+        pytest.skip(f"no real SLURM here: {proc.stderr.strip()}")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    yield
+    subprocess.run([str(LOCAL_SLURM), "down"], capture_output=True, timeout=120)
+
+
+@pytest.fixture
+def site_config(tmp_path) -> Path:
+    path = tmp_path / "slurm-site.yaml"
+    path.write_text(yaml.safe_dump(SLURM_SITE))
+    return path
+
+
+def slurm_run(dataset: Path, out: Path, config: Path, pipeline: str) -> list[str]:
+    return [*DASKMV, "run", str(dataset / "manifest.csv"), "--pipeline", pipeline, "--out", str(out),
+            "--cluster", "slurm:daskmv-cpu", "--workers", "2", "--config", str(config), "--progress", "log"]
+
+
+def test_slurm_run_executes_inside_slurm_jobs(slurm, dataset, site_config, tmp_path):
+    out = tmp_path / "out"
+    proc = subprocess.run(slurm_run(dataset, out, site_config, "decode,resize,stats"), capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    frame = pd.read_parquet(out / "manifest.parquet")
+    assert len(frame) == N_GOOD + 4 and (frame["status"] == "ok").sum() == N_GOOD and frame["id"].is_unique
+    jobs = {m["slurm_job_id"] for m in markers(out)}
+    assert None not in jobs and all(j.isdigit() for j in jobs)
+    run = json.loads((out / "run.json").read_text())
+    assert sorted(int(i) for parts in run["slurm_jobs"].values() for i in parts) == list(range(run["partitions"]))
+    assert set(run["slurm_jobs"]) == jobs
+    row = frame[frame["status"] == "ok"].iloc[0]
+    assert load_output(str(out / "manifest.parquet"), row["id"], "resized").shape == (224, 224, 3)
+
+
+def test_a_cancelled_worker_job_is_replaced_and_nothing_is_lost(slurm, dataset, site_config, tmp_path):
+    out = tmp_path / "out"
+    (tmp_path / "slow.yaml").write_text("steps:\n  - testops:Slow: {seconds: 0.03}\n")
+    cmd = slurm_run(dataset, out, site_config, str(tmp_path / "slow.yaml")) + ["--partition-rows", "16"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not ((out / "parts").exists() and len({m["slurm_job_id"] for m in markers(out)} - {None}) >= 1
+               and len(markers(out)) >= 3):
+        assert time.monotonic() < deadline and proc.poll() is None, "the run never got going"
+        time.sleep(0.1)
+    victim = markers(out)[-1]["slurm_job_id"]
+    before = {m["index"]: m["started"] for m in markers(out)}
+    subprocess.run(["scancel", victim], check=True)
+    _, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 0, stderr
+    frame = pd.read_parquet(out / "manifest.parquet")
+    assert len(frame) == N_GOOD + 4 and frame["id"].is_unique and (frame["status"] == "ok").all()
+    run = json.loads((out / "run.json").read_text())
+    assert victim in run["slurm_jobs"]
+    assert len(run["slurm_jobs"]) >= 2  # the survivor, and the job that replaced the cancelled one
+    after = {m["index"]: m["started"] for m in markers(out)}
+    assert all(after[i] == started for i, started in before.items())  # finished partitions stayed finished
+
+
+def test_slurm_profile_errors_are_clear(slurm, dataset, tmp_path):
+    proc = subprocess.run([*DASKMV, "run", str(dataset / "manifest.csv"), "--pipeline", "resize", "--out",
+                           str(tmp_path / "o"), "--cluster", "slurm:no-such-profile", "--progress", "none"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "no-such-profile" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A 12 MB filesystem (tmpfs), to fill up; skipped where mounting is not allowed."""
+    mount = tmp_path / "tiny"
+    mount.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=12m", "tmpfs", str(mount)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+
+
+def test_full_disk_is_a_clear_error_and_leaves_no_marker_without_its_data(dataset, tiny_disk, tmp_path):
+    out = tiny_disk / "out"
+    (tmp_path / "s.yaml").write_text("retries: 1\nretry-delay: 0.1\n")
+    cmd = [*DASKMV, "run", str(dataset / "manifest.csv"), "--pipeline", "resize", "--out", str(out),
+           "--workers", "2", "--partition-rows", "16", "--config", str(tmp_path / "s.yaml"), "--progress", "none"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 1, proc.stderr
+    assert "No space left on device" in proc.stderr and "Traceback" not in proc.stderr
+    assert "run the same command again" in proc.stderr
+    done = markers(out)
+    assert done, "some partitions should fit before the disk fills"
+    for marker in done:  # write, then mark: every marker's rows and arrays are there and readable
+        part = pd.read_parquet(out / "parts" / f"p{marker['index']:06d}.parquet")
+        assert len(part) == marker["rows"]
+        for _, row in part[part["status"] == "ok"].iterrows():
+            ref = row["resized_path"]
+            from daskmv.data import resolve_ref
+            from daskmv.arrays import read_array_row
+
+            url, r = resolve_ref(str(out / "manifest.parquet"), ref)
+            assert read_array_row(url, r).shape == (224, 224, 3)
+    assert not list(out.rglob("*.tmp-*")), "half-written files were left behind"
+    subprocess.run(["mount", "-o", "remount,size=256m", str(tiny_disk)], check=True)
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr
+    frame = pd.read_parquet(out / "manifest.parquet")
+    assert len(frame) == N_GOOD + 4 and frame["id"].is_unique and (frame["status"] == "ok").sum() == N_GOOD
+    run = json.loads((out / "run.json").read_text())
+    assert run["counts"]["skipped_partitions"] == len(done)
+
+
+def test_quickstart_notebook_runs(tmp_path):
+    nbformat = pytest.importorskip("nbformat")
+    from nbclient import NotebookClient
+
+    notebook = nbformat.read(REPO / "examples" / "quickstart.ipynb", as_version=4)
+    NotebookClient(notebook, timeout=300, kernel_name="python3",
+                   resources={"metadata": {"path": str(tmp_path)}}).execute()
+    outputs = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.outputs]
+    assert not [o for o in outputs if o.output_type == "error"]
+    html = " ".join(o.get("data", {}).get("text/html", "") for o in outputs)
+    assert "<progress value='48' max='48'" in html  # the notebook progress display, finished
+    assert "48 rows, 48 ok, 0 errors, 0 pending" in html  # the result's summary
+    assert any("image/png" in o.get("data", {}) for o in outputs)  # the plotted outputs
+    assert any("report.html" in o.get("text", "") for o in outputs)
