@@ -113,7 +113,7 @@ def connect(
         return
     if cluster == "slurm" or cluster.startswith("slurm:"):
         profile = cluster.partition(":")[2] or None
-        with slurm_cluster(profile, jobs=workers, **cluster_kwargs) as sc, Client(sc) as client:
+        with slurm(profile, jobs=workers, **cluster_kwargs) as sc, Client(sc) as client:
             note(f"SLURM cluster{' ' + profile if profile else ''}: jobs submitted; dashboard: "
                  f"{client.dashboard_link}; waiting for the first worker (squeue shows the jobs)")
             client.wait_for_workers(1, timeout=SLURM_START_TIMEOUT)
@@ -136,7 +136,7 @@ def connect(
 SLURM_START_TIMEOUT = float(os.environ.get("DASKMV_SLURM_START_TIMEOUT", 1800))
 
 
-def slurm_cluster(profile: str | None = None, jobs: int | None = None, minimum_jobs: int | None = None,
+def slurm(profile: str | None = None, jobs: int | None = None, minimum_jobs: int | None = None,
                   maximum_jobs: int | None = None, **job_kwargs: Any) -> Any:
     """A dask-jobqueue ``SLURMCluster`` kept at ``jobs`` jobs (or adaptive between min and max).
 

@@ -169,3 +169,18 @@ def test_quickstart_notebook_runs(tmp_path):
     assert "48 rows, 48 ok, 0 errors, 0 pending" in html  # the result's summary
     assert any("image/png" in o.get("data", {}) for o in outputs)  # the plotted outputs
     assert any("report.html" in o.get("text", "") for o in outputs)
+
+
+def test_the_driver_as_a_batch_job(slurm, dataset, site_config, tmp_path):
+    out = tmp_path / "out"
+    env = {**os.environ, "MANIFEST": str(dataset / "manifest.csv"), "PIPELINE": "decode,resize,stats",
+           "OUT": str(out), "JOBS": "1", "SETTINGS": str(site_config), "VENV": str(Path(sys.executable).parents[1])}
+    proc = subprocess.run(["sbatch", "--wait", f"--output={tmp_path}/driver-%j.log", "--chdir", str(REPO),
+                           str(REPO / "deploy" / "slurm" / "daskmv.sbatch")], capture_output=True, text=True,
+                          env=env, timeout=600)
+    log = "".join(p.read_text() for p in tmp_path.glob("driver-*.log"))
+    assert proc.returncode == 0, proc.stderr + log
+    assert "done: 304 rows: 300 ok, 4 errors" in log
+    driver_job = proc.stdout.split()[-1]
+    jobs = {m["slurm_job_id"] for m in markers(out)}
+    assert jobs and driver_job not in jobs  # the work ran in the worker jobs the driver submitted
