@@ -114,10 +114,10 @@ def test_slurm_profile_errors_are_clear(slurm, dataset, tmp_path):
 
 @pytest.fixture
 def tiny_disk(tmp_path):
-    """A 12 MB filesystem (tmpfs), to fill up; skipped where mounting is not allowed."""
+    """A 16 MB filesystem (tmpfs), to fill up; skipped where mounting is not allowed."""
     mount = tmp_path / "tiny"
     mount.mkdir()
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=12m", "tmpfs", str(mount)],
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mount)],
                                            capture_output=True).returncode != 0:
         pytest.skip("cannot mount a small tmpfs here (needs root)")
     yield mount
@@ -131,10 +131,10 @@ def test_full_disk_is_a_clear_error_and_leaves_no_marker_without_its_data(datase
            "--workers", "2", "--partition-rows", "16", "--config", str(tmp_path / "s.yaml"), "--progress", "none"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 1, proc.stderr
-    assert "No space left on device" in proc.stderr and "Traceback" not in proc.stderr
-    assert "run the same command again" in proc.stderr
+    assert "No space left on device" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert "run the same command again" in proc.stderr, proc.stderr
     done = markers(out)
-    assert done, "some partitions should fit before the disk fills"
+    assert done, f"some partitions should fit before the disk fills: {proc.stderr}"
     for marker in done:  # write, then mark: every marker's rows and arrays are there and readable
         part = pd.read_parquet(out / "parts" / f"p{marker['index']:06d}.parquet")
         assert len(part) == marker["rows"]
@@ -145,7 +145,7 @@ def test_full_disk_is_a_clear_error_and_leaves_no_marker_without_its_data(datase
 
             url, r = resolve_ref(str(out / "manifest.parquet"), ref)
             assert read_array_row(url, r).shape == (224, 224, 3)
-    assert not list(out.rglob("*.tmp-*")), "half-written files were left behind"
+    assert not list(out.rglob("*.tmp-*")), f"half-written files were left behind: {proc.stderr}"
     subprocess.run(["mount", "-o", "remount,size=256m", str(tiny_disk)], check=True)
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr
