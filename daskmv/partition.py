@@ -275,6 +275,7 @@ def _process_rows(prepared: PreparedPipeline, rows: pd.DataFrame, task: Partitio
 
 
 def _process_batches(prepared: PreparedPipeline, records: list[Row], task: PartitionTask, res: RowResults) -> None:
+    extra = {"manifest_base": task.base} if "manifest_base" in prepared.loader_inputs else {}
     for batch in _loaded_batches(records, prepared.loader_inputs, task):
         live: list[tuple[int, Row]] = []
         for i, loaded, seconds in batch:
@@ -283,7 +284,7 @@ def _process_batches(prepared: PreparedPipeline, records: list[Row], task: Parti
             if isinstance(loaded, BaseException):
                 res.fail(i, _format_error("read", loaded))
             else:
-                live.append((i, {**records[i], **loaded}))
+                live.append((i, {**records[i], **loaded, **extra}))
         for k, op in enumerate(prepared.ops):
             if not live:
                 break
@@ -310,7 +311,7 @@ def _loaded_batches(
 ) -> Iterator[list[tuple[int, Row | BaseException, float]]]:
     """Micro-batches of (row index, loader inputs or the error, seconds), loaded ahead on threads."""
     size = max(1, task.batch_size)
-    if not wanted:
+    if not wanted - {"manifest_base"}:
         for start in range(0, len(records), size):
             yield [(i, {}, 0.0) for i in range(start, min(start + size, len(records)))]
         return

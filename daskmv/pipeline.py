@@ -18,17 +18,12 @@ import yaml
 
 from daskmv.errors import PipelineError
 from daskmv.ops import LOADER_INPUTS, Op, Output, get_op_class
+from daskmv.ops.registry import PIPELINES, register_pipeline
 
-#: Named pipelines: a name that expands to steps, usable wherever an op name is.
-PIPELINES: dict[str, list[dict[str, Any]]] = {}
+__all__ = ["PIPELINES", "Pipeline", "register_pipeline"]
 
 #: Columns every output manifest gets; a pipeline output may not take these names.
 RESERVED_COLUMNS = ("id", "status", "error", "seconds")
-
-
-def register_pipeline(name: str, steps: list[dict[str, Any]]) -> None:
-    """Make ``name`` expand to ``steps`` (dicts of ``op`` and ``params``) in pipeline specs."""
-    PIPELINES[name] = steps
 
 
 class Pipeline:
@@ -65,8 +60,8 @@ class Pipeline:
                 ops.append(step)
                 continue
             op_name, params = _step_parts(step)
-            if op_name in PIPELINES and not params:
-                ops.extend(cls.from_steps(PIPELINES[op_name], base=base).ops)
+            if op_name in PIPELINES:
+                ops.extend(cls.from_steps(_named_steps(op_name, params), base=base).ops)
                 continue
             op_cls = get_op_class(op_name)
             if base:
@@ -184,6 +179,22 @@ def _step_parts(step: Any) -> tuple[str, dict[str, Any]]:
             raise PipelineError(f"pipeline step {name!r}: parameters must be a mapping, not {params!r}")
         return str(name), dict(params or {})
     raise PipelineError(f"cannot read pipeline step {step!r}: use a name, {{name: {{params}}}} or {{op:, params:}}")
+
+
+def _named_steps(name: str, overrides: dict[str, Any]) -> list[dict[str, Any]]:
+    """A named pipeline's steps, with parameters given per op name (``relight: {degrade: {seed: 3}}``)."""
+    steps = [{"op": step["op"], "params": dict(step.get("params") or {})} for step in PIPELINES[name]]
+    names = [step["op"] for step in steps]
+    for op_name, params in overrides.items():
+        if op_name not in names:
+            raise PipelineError(f"pipeline {name!r} has no op {op_name!r} to set parameters of "
+                                f"(its ops: {', '.join(names)})")
+        if not isinstance(params, dict):
+            raise PipelineError(f"pipeline {name!r}: parameters of {op_name!r} must be a mapping, not {params!r}")
+        for step in steps:
+            if step["op"] == op_name:
+                step["params"].update(params)
+    return steps
 
 
 def _resolve_paths(op_cls: type[Op], params: dict[str, Any], base: str) -> dict[str, Any]:

@@ -2,6 +2,6 @@
 
 from daskmv.ops.base import LOADER_INPUTS, Op, Output, Param, Row
 from daskmv.ops.registry import REGISTRY, get_op_class, register_op
-from daskmv.ops import core, torch_model  # noqa: F401  (registration)
+from daskmv.ops import core, degrade, relight, retinex, segment, torch_model  # noqa: F401  (registration)
 
 __all__ = ["LOADER_INPUTS", "Op", "Output", "Param", "Row", "REGISTRY", "get_op_class", "register_op"]

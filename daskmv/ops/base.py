@@ -33,7 +33,11 @@ LOADER_INPUTS: dict[str, str] = {
     "bytes": "the row's file content (bytes)",
     "image": "the decoded image: RGB uint8 array [H, W, 3] (gray, RGBA and 16-bit converted)",
     "image_info": "what the file held before conversion: width, height, channels, dtype, format",
+    "manifest_base": "the folder (or URL) relative paths in the manifest resolve against: the manifest's own",
 }
+
+#: The loader inputs that need the row's file read.
+FILE_INPUTS = frozenset({"bytes", "image", "image_info"})
 
 Row = dict[str, Any]
 

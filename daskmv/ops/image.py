@@ -101,7 +101,7 @@ def to_rgb8(raw: np.ndarray) -> np.ndarray:
 def load_inputs(url: str, wanted: frozenset[str]) -> dict[str, Any]:
     """Make the loader inputs an op asked for (``url``, ``bytes``, ``image``, ``image_info``)."""
     out: dict[str, Any] = {"url": url}
-    if wanted <= {"url"}:
+    if not wanted & {"bytes", "image", "image_info"}:
         return out
     data = read_bytes(url)
     if "bytes" in wanted:

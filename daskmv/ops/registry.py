@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import importlib
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from daskmv.errors import PipelineError
 from daskmv.ops.base import Op
 
 REGISTRY: dict[str, type[Op]] = {}
+
+#: Named pipelines: a name that expands to steps, usable wherever an op name is.
+PIPELINES: dict[str, list[dict[str, Any]]] = {}
 
 OpT = TypeVar("OpT", bound=type[Op])
 
@@ -22,6 +25,11 @@ def register_op(cls: OpT) -> OpT:
         raise ValueError(f"an op named {cls.name!r} is already registered ({existing.__module__})")
     REGISTRY[cls.name] = cls
     return cls
+
+
+def register_pipeline(name: str, steps: list[dict[str, Any]]) -> None:
+    """Make ``name`` expand to ``steps`` (dicts of ``op`` and ``params``) in pipeline specs."""
+    PIPELINES[name] = steps
 
 
 def get_op_class(name: str) -> type[Op]:

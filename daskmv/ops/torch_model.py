@@ -50,24 +50,8 @@ class TorchModel(Op):
     }
 
     def check_params(self) -> None:
-        model = self.config["model"]
-        if not model:
-            raise PipelineError("op 'torch_model' needs model=<TorchScript file or module:factory>")
-        model = str(model)
-        if os.path.isfile(model):
-            self.config["model"] = os.path.abspath(model)
-            if self.config["checkpoint"]:
-                raise PipelineError("op 'torch_model': checkpoint= applies to a module:factory model only")
-        elif _IMPORT_PATH.match(model):
-            if importlib.util.find_spec(model.partition(":")[0]) is None:
-                raise PipelineError(f"op 'torch_model': cannot find module {model.partition(':')[0]!r}")
-        else:
-            raise PipelineError(f"op 'torch_model': model file not found: {model}")
-        if self.config["checkpoint"]:
-            ckpt = str(self.config["checkpoint"])
-            if not os.path.isfile(ckpt):
-                raise PipelineError(f"op 'torch_model': checkpoint file not found: {ckpt}")
-            self.config["checkpoint"] = os.path.abspath(ckpt)
+        self.config["model"], self.config["checkpoint"] = check_model(
+            self.name, self.config["model"], self.config["checkpoint"])
         self.size = parse_size(self.config["size"], self.name)
         self.config["size"] = list(self.size)
         for key in ("mean", "std"):
@@ -84,34 +68,14 @@ class TorchModel(Op):
     def spec(self) -> dict[str, Any]:
         spec = super().spec()
         files = [self.config["model"], self.config["checkpoint"]]
-        spec["files"] = {f: _file_identity(f) for f in files if f and os.path.isfile(f)}
+        spec["files"] = {f: file_identity(f) for f in files if f and os.path.isfile(f)}
         return spec
 
     def setup(self, device: str) -> None:
         import torch
 
         self.device = device
-        model = self.config["model"]
-        if os.path.isfile(model) and model.endswith(".pt2"):
-            net = torch.export.load(model).module()
-        elif os.path.isfile(model):
-            with warnings.catch_warnings():  # TorchScript is deprecated upstream, still what users have
-                warnings.simplefilter("ignore", DeprecationWarning)
-                net = torch.jit.load(model, map_location=device)
-        else:
-            module_name, _, attr = model.partition(":")
-            factory = importlib.import_module(module_name)
-            for part in attr.split("."):
-                factory = getattr(factory, part)
-            net = factory(**(self.config["kwargs"] or {}))
-            if self.config["checkpoint"]:
-                state = torch.load(self.config["checkpoint"], map_location="cpu", weights_only=True)
-                net.load_state_dict(state)
-        try:
-            net = net.eval()
-        except NotImplementedError:  # torch.export modules are traced in eval mode and refuse eval()
-            pass
-        self.model = net.to(device)
+        self.model = load_torch_model(self.config["model"], self.config["checkpoint"], self.config["kwargs"], device)
         self.mean = torch.tensor(self.config["mean"], device=device).view(1, 3, 1, 1)
         self.std = torch.tensor(self.config["std"], device=device).view(1, 3, 1, 1)
 
@@ -131,16 +95,70 @@ class TorchModel(Op):
         return [{name: y[i]} for i in range(len(rows))]
 
     def _select(self, out: Any) -> Any:
-        key = self.config["output_key"]
-        if isinstance(out, dict):
-            if key is None:
-                raise RuntimeError(f"model returned a dict ({', '.join(map(str, out))}); set output_key")
-            return out[key]
-        if isinstance(out, (tuple, list)):
-            return out[int(key or 0)]
-        return out
+        return select_output(out, self.config["output_key"])
 
 
-def _file_identity(path: str) -> list[int]:
+def select_output(out: Any, key: Any) -> Any:
+    """The tensor to keep from a model's output: itself, ``out[key]`` of a dict, or item ``key`` (0) of a tuple."""
+    if isinstance(out, dict):
+        if key is None:
+            raise RuntimeError(f"model returned a dict ({', '.join(map(str, out))}); set output_key")
+        return out[key]
+    if isinstance(out, (tuple, list)):
+        return out[int(key or 0)]
+    return out
+
+
+def check_model(op: str, model: Any, checkpoint: Any, extensions: tuple[str, ...] = ()) -> tuple[str, str | None]:
+    """A model parameter checked before anything runs: an existing file (absolute path) or an importable
+    ``module:factory``; a checkpoint only with a factory. Returns (model, checkpoint), normalised."""
+    if not model:
+        raise PipelineError(f"op {op!r} needs model=<TorchScript file or module:factory>")
+    model = str(model)
+    if os.path.isfile(model):
+        model = os.path.abspath(model)
+        if checkpoint:
+            raise PipelineError(f"op {op!r}: checkpoint= applies to a module:factory model only")
+    elif _IMPORT_PATH.match(model):
+        if importlib.util.find_spec(model.partition(":")[0]) is None:
+            raise PipelineError(f"op {op!r}: cannot find module {model.partition(':')[0]!r}")
+    else:
+        raise PipelineError(f"op {op!r}: model file not found: {model} (give a file{', '.join(extensions)}"
+                            " or a module:factory import path)")
+    if checkpoint:
+        checkpoint = str(checkpoint)
+        if not os.path.isfile(checkpoint):
+            raise PipelineError(f"op {op!r}: checkpoint file not found: {checkpoint}")
+        checkpoint = os.path.abspath(checkpoint)
+    return model, checkpoint or None
+
+
+def load_torch_model(model: str, checkpoint: str | None, kwargs: dict[str, Any] | None, device: str) -> Any:
+    """A torch module in eval mode on ``device``, from a TorchScript file, a ``torch.export`` .pt2 file,
+    or a ``module:factory`` (called with ``kwargs``, then loaded with the ``checkpoint`` state dict)."""
+    import torch
+
+    if os.path.isfile(model) and model.endswith(".pt2"):
+        net = torch.export.load(model).module()
+    elif os.path.isfile(model):
+        with warnings.catch_warnings():  # TorchScript is deprecated upstream, still what users have
+            warnings.simplefilter("ignore", DeprecationWarning)
+            net = torch.jit.load(model, map_location=device)
+    else:
+        module_name, _, attr = model.partition(":")
+        factory = importlib.import_module(module_name)
+        for part in attr.split("."):
+            factory = getattr(factory, part)
+        net = factory(**(kwargs or {}))
+        if checkpoint:
+            net.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=True))
+    try:
+        net = net.eval()
+    except NotImplementedError:  # torch.export modules are traced in eval mode and refuse eval()
+        pass
+    return net.to(device)
+
+
+def file_identity(path: str) -> list[int]:
     stat = os.stat(path)
     return [stat.st_size, stat.st_mtime_ns]

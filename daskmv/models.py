@@ -1,0 +1,74 @@
+"""Model files that built-in ops use by default, fetched once at set-up time, never at run time.
+
+The default person segmenter is MediaPipe's selfie-segmentation model (Apache-2.0, 250 KB), which ships
+inside the ``mediapipe`` 0.10.21 wheel on PyPI. Installing mediapipe itself would pin numpy<2 and pull
+jax, so set-up downloads the wheel (``pip download --no-deps``, 35 MB, once) and keeps only the model
+and its license:
+
+    python -m daskmv.models fetch        # what `make` runs after installing daskmv
+
+Models live in ``$DASKMV_MODEL_DIR`` or else ``~/.cache/daskmv/models``.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+MEDIAPIPE_WHEEL = "mediapipe==0.10.21"
+SELFIE_FILES = {
+    "mediapipe/modules/selfie_segmentation/selfie_segmentation.tflite": "selfie_segmentation.tflite",
+    "mediapipe/modules/selfie_segmentation/selfie_segmentation_landscape.tflite":
+        "selfie_segmentation_landscape.tflite",
+    "mediapipe-0.10.21.dist-info/LICENSE": "LICENSE-mediapipe.txt",
+}
+
+
+def model_dir() -> Path:
+    return Path(os.environ.get("DASKMV_MODEL_DIR") or Path.home() / ".cache" / "daskmv" / "models")
+
+
+def selfie_model(landscape: bool = False) -> Path:
+    """The selfie-segmentation model file; a clear error naming the fix when it was never fetched."""
+    path = model_dir() / ("selfie_segmentation_landscape.tflite" if landscape else "selfie_segmentation.tflite")
+    if not path.exists():
+        from daskmv.errors import PipelineError
+
+        raise PipelineError(f"the default person segmenter is not installed ({path} is missing): run "
+                            "`python -m daskmv.models fetch` once (make does), or give segment a model=")
+    return path
+
+
+def fetch(dest: Path | None = None) -> Path:
+    """Download the mediapipe wheel once and extract the selfie-segmentation models and license."""
+    dest = dest or model_dir()
+    if all((dest / name).exists() for name in SELFIE_FILES.values()):
+        return dest
+    dest.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", MEDIAPIPE_WHEEL, "-d", tmp],
+                       check=True)
+        wheel = next(Path(tmp).glob("mediapipe-*.whl"))
+        with zipfile.ZipFile(wheel) as zf:
+            for member, name in SELFIE_FILES.items():
+                (dest / name).write_bytes(zf.read(member))
+    (dest / "README.txt").write_text(
+        "selfie_segmentation*.tflite: MediaPipe Selfie Segmentation (Google), Apache License 2.0, see\n"
+        f"LICENSE-mediapipe.txt. Extracted from the {MEDIAPIPE_WHEEL} wheel on PyPI by daskmv.models.fetch.\n")
+    return dest
+
+
+def main(argv: list[str]) -> int:
+    if argv[:1] != ["fetch"]:
+        print("usage: python -m daskmv.models fetch", file=sys.stderr)
+        return 2
+    print(f"models in {fetch()}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
