@@ -12,6 +12,8 @@ $(STAMP): pyproject.toml
 	# torch first and pinned: a CPU build from local disk. Unpinned, it pulls a multi-GB CUDA build.
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[test]'
+	# the default person segmenter's model file, once (never at run time): see daskmv/models.py
+	$(PY) -m daskmv.models fetch
 	touch $(STAMP)
 
 demo: $(STAMP)
