@@ -91,12 +91,13 @@ class Composite(Op):
                 source = to_tensor([i[0] for i in inputs], self.device)
                 alpha = edge_alpha(to_tensor([i[1] for i in inputs], self.device), cfg)
                 if self.color is None:
-                    background = to_tensor([i[2] for i in inputs], self.device)
+                    backgrounds = [i[2] for i in inputs]
+                    background = to_tensor(backgrounds, self.device)
                 else:
-                    color = torch.tensor(self.color, device=self.device).view(1, 3, 1, 1)
-                    background = color.expand_as(source)
-                out = to_uint8(alpha * source + (1.0 - alpha) * background)
-                backgrounds = to_uint8(background.contiguous())
+                    background = torch.tensor(self.color, device=self.device).view(1, 3, 1, 1)
+                    flat = np.array([round(c * 255) for c in self.color], np.uint8)
+                    backgrounds = [np.broadcast_to(flat, i[0].shape) for i in inputs]
+                out = to_uint8(torch.lerp(background.expand_as(source), source, alpha.expand_as(source)))
             return [{"output_image": o, "background": b, "metadata": self._metadata(row, i[1])}
                     for o, b, row, i in zip(out, backgrounds, group, inputs)]
 
