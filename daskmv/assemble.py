@@ -131,7 +131,12 @@ def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
 
 
 def _csv_schema(schema: pa.Schema) -> pa.Schema:
-    return pa.schema([pa.field(f.name, _csv_type(f.type)) for f in schema])
+    """The CSV's columns: exported files' paths stand in the ``<name>_path`` columns (see daskmv.export)."""
+    from daskmv.export import SUFFIX
+
+    names = set(schema.names)
+    return pa.schema([pa.field(f.name, _csv_type(f.type)) for f in schema
+                      if not (f.name.endswith(SUFFIX) and f.name[: -len(SUFFIX)] + "_path" in names)])
 
 
 def _csv_type(t: pa.DataType) -> pa.DataType:
@@ -139,13 +144,17 @@ def _csv_type(t: pa.DataType) -> pa.DataType:
 
 
 def _csv_table(table: pa.Table) -> pa.Table:
+    from daskmv.export import SUFFIX
+
+    schema = _csv_schema(table.schema)
     cols = []
-    for field, col in zip(table.schema, table.columns):
-        if _csv_type(field.type) != field.type:
-            cols.append(pa.array([None if v is None else json.dumps(v) for v in col.to_pylist()], pa.string()))
-        else:
-            cols.append(col)
-    return pa.Table.from_arrays(cols, schema=_csv_schema(table.schema))
+    for field in schema:
+        exported = field.name[: -len("_path")] + SUFFIX if field.name.endswith("_path") else None
+        col = table.column(exported if exported in table.column_names else field.name)
+        if field.type != col.type:
+            col = pa.array([None if v is None else json.dumps(v) for v in col.to_pylist()], pa.string())
+        cols.append(col)
+    return pa.Table.from_arrays(cols, schema=schema)
 
 
 def _error_lines(table: pa.Table) -> str:

@@ -78,6 +78,8 @@ def run(
     require_gpu: bool = typer.Option(False, "--require-gpu", help="Refuse to run GPU ops on CPU workers."),
     progress: Optional[str] = typer.Option(None, help="auto, bar, notebook, log or none."),
     report: bool = typer.Option(False, "--report", help="Write OUT/report.html when the run ends."),
+    export: Optional[str] = typer.Option(None, "--export", help="Also write image outputs as files: png "
+                                         "(OUT/png/...; manifest.csv then points at them)."),
 ) -> None:
     """Run a pipeline over every row of MANIFEST, writing outputs and a new manifest into --out."""
     from daskmv.engine import run as run_pipeline
@@ -88,7 +90,7 @@ def run(
             "pipeline": pipeline, "out": out_dir, "cluster": cluster, "workers": workers,
             "partition_rows": partition_rows, "batch_size": batch_size, "path_column": path_column,
             "id_column": id_column, "limit": limit, "retries": retries, "decode_threads": decode_threads,
-            "progress": progress,
+            "progress": progress, "export": export,
         }
         settings.update({k: v for k, v in flags.items() if v is not None})
         for key, value in (("overwrite", overwrite), ("retry_errors", retry_errors), ("require_gpu", require_gpu)):
@@ -139,6 +141,24 @@ def report_cmd(
     except DaskmvError as exc:
         raise _fail(exc) from None
     out.print(f"report: {path}", highlight=False, soft_wrap=True)
+
+
+@app.command()
+def preview(
+    root: str = typer.Argument(..., help="An output root."),
+    n: int = typer.Option(16, "--n", help="Rows on the sheet."),
+    seed: int = typer.Option(0, help="Seed of the sample."),
+    tile: int = typer.Option(192, help="Tile size in pixels."),
+    to: Optional[str] = typer.Option(None, "--to", help="Write here instead of ROOT/preview.png."),
+) -> None:
+    """Write ROOT/preview.png: a contact sheet of sampled rows (input, then each op's images)."""
+    from daskmv.preview import contact_sheet
+
+    try:
+        path = contact_sheet(root, n=n, seed=seed, out=to, tile=tile)
+    except DaskmvError as exc:
+        raise _fail(exc) from None
+    out.print(f"preview: {path}", highlight=False, soft_wrap=True)
 
 
 @app.command()

@@ -21,6 +21,7 @@ import platform
 import queue
 import sys
 import time
+import traceback
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -67,6 +68,7 @@ class RunOptions:
     progress: str = "auto"
     storage_options: dict[str, Any] = field(default_factory=dict)
     cluster_kwargs: dict[str, Any] = field(default_factory=dict)
+    export: str | None = None
 
 
 @dataclass
@@ -155,13 +157,14 @@ def _run(manifest: str | Manifest, pipeline: str | Pipeline | list[Any], out: st
         manifest = read_manifest(manifest, path_column=opts.path_column, id_column=opts.id_column,
                                  limit=opts.limit, storage_options=opts.storage_options)
     pipeline = Pipeline.parse(pipeline)
+    _check_export(opts.export, pipeline)
     replaced = pipeline.validate(manifest.columns, manifest.path_column)
     if replaced:
         progress.note(f"note: the pipeline's outputs replace the manifest column(s) {', '.join(replaced)}")
     store = Store(out, opts.storage_options)
     store.acquire_lock()
     try:
-        binding = _binding(manifest, pipeline)
+        binding = {**_binding(manifest, pipeline), "export": opts.export}
         previous = store.prepare(binding, opts.overwrite)
         partition_rows = _known_partition_rows(previous, opts.partition_rows)
         with connect(client or opts.cluster, workers=opts.workers, threads_per_worker=opts.threads_per_worker,
@@ -177,6 +180,17 @@ def _run(manifest: str | Manifest, pipeline: str | Pipeline | list[Any], out: st
             store.release_lock()
         except OSError:
             pass
+
+
+def _check_export(export: str | None, pipeline: Pipeline) -> None:
+    from daskmv.export import FORMATS, exported
+
+    if export is None:
+        return
+    if export not in FORMATS:
+        raise UsageError(f"--export {export!r}: the formats are {', '.join(FORMATS)}")
+    if not exported(pipeline.outputs):
+        raise UsageError(f"--export {export}: pipeline {pipeline.name!r} has no uint8 image outputs to write as files")
 
 
 def _binding(manifest: Manifest, pipeline: Pipeline) -> dict[str, Any]:
@@ -298,7 +312,7 @@ class _Runner:
                 index=index, rows=rows, rows_hash=digest, fingerprint=fingerprint, steps=steps,
                 root=self.store.root, base=self.manifest.base, path_column=self.manifest.path_column,
                 batch_size=self.opts.batch_size, decode_threads=self.opts.decode_threads,
-                storage_options=self.opts.storage_options,
+                storage_options=self.opts.storage_options, export=self.opts.export,
             )
             if done and self.opts.retry_errors and marker.errors:
                 task.retry_ids = self._error_ids(index)
@@ -392,10 +406,11 @@ class _Runner:
             self._ready(task.index)
             return
         exc = future.exception()
+        tb = "".join(traceback.format_tb(future.traceback()))
         future.release()
         message = f"{type(exc).__name__}: {exc}"
         self.failed_attempts.append({"index": task.index, "attempt": task.attempt, "time": now(),
-                                     "error": message[:500]})
+                                     "error": message[:500], "traceback": tb[-4000:]})
         if task.attempt <= self.opts.retries:
             delay = self.opts.retry_delay * 2 ** (task.attempt - 1)
             self.progress.note(f"partition {task.index} failed (attempt {task.attempt}): {message}; "

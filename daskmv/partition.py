@@ -60,6 +60,7 @@ class PartitionTask:
     generation: int = 0
     retry_ids: list[str] | None = None
     attempt: int = 1
+    export: str | None = None
 
 
 @dataclass
@@ -86,6 +87,8 @@ class OpCache(WorkerPlugin):
     def setup(self, worker: Any = None) -> None:
         self.entries: dict[str, PreparedPipeline] = {}
         self.lock = threading.Lock()
+        if worker is not None:
+            _quiet_task_failures()
 
     def teardown(self, worker: Any = None) -> None:
         self.entries.clear()
@@ -96,6 +99,22 @@ class OpCache(WorkerPlugin):
             if fingerprint not in self.entries:
                 self.entries[fingerprint] = _prepare(steps)
             return self.entries[fingerprint]
+
+
+def _quiet_task_failures() -> None:
+    """Drop the worker's "Compute Failed" log records: the driver reports every failed partition (and keeps
+    its traceback in run.json ``failed_attempts``), so these only repeat it as a traceback on stderr."""
+    import logging
+
+    log = logging.getLogger("distributed.worker")
+    if not any(getattr(f, "daskmv", False) for f in log.filters):
+        class _Filter(logging.Filter):
+            daskmv = True
+
+            def filter(self, record: logging.LogRecord) -> bool:
+                return not str(record.msg).startswith("Compute Failed")
+
+        log.addFilter(_Filter())
 
 
 _PROCESS_CACHE = OpCache()
@@ -197,6 +216,7 @@ def run_partition(task: PartitionTask) -> dict[str, Any]:
         "pid": os.getpid(),
         "devices": sorted(set(prepared.devices)),
         "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+        "export": task.export,
     }
     store.mark_done(marker)
     return marker
@@ -222,6 +242,8 @@ class RowResults:
     op_seconds: list[float]
     load_seconds: float = 0.0
     oom_backoffs: int = 0
+    exports: list[tuple[int, Any]] = field(default_factory=list)
+    export_paths: dict[str, list[str | None]] = field(default_factory=dict)
 
     @classmethod
     def empty(cls, specs: Sequence[Output], n: int, n_ops: int = 0,
@@ -266,15 +288,42 @@ def _process_rows(prepared: PreparedPipeline, rows: pd.DataFrame, task: Partitio
     sinks = {s.name: store.array_sink(s.name, task.index, task.generation, s.compression)
              for s in prepared.specs if s.kind == "array"}
     res = RowResults.empty(prepared.specs, n, len(prepared.ops), sinks)
+    exporter = _exporter(prepared, task, store) if task.export else None
     try:
-        _process_batches(prepared, records, task, res)
+        _process_batches(prepared, records, task, res, exporter)
+        _finish_exports(prepared, res, n)
     except BaseException:
         res.discard()
         raise
     return res
 
 
-def _process_batches(prepared: PreparedPipeline, records: list[Row], task: PartitionTask, res: RowResults) -> None:
+def _exporter(prepared: PreparedPipeline, task: PartitionTask, store: Store) -> Any:
+    """A function that writes one finished row's files on a loader thread and returns the future."""
+    from daskmv.export import export_row
+
+    pool = _pool(max(1, task.decode_threads))
+
+    def submit(row: Row) -> Any:
+        return pool.submit(export_row, store, task.index, row, prepared.specs)
+
+    return submit
+
+
+def _finish_exports(prepared: PreparedPipeline, res: RowResults, n: int) -> None:
+    """Wait for every row's files (a failure to write one fails the partition, like any write)."""
+    from daskmv.export import exported
+
+    if not res.exports:
+        return
+    res.export_paths = {spec.name: [None] * n for spec in exported(prepared.specs)}
+    for i, future in res.exports:
+        for name, path in future.result().items():
+            res.export_paths[name][i] = path
+
+
+def _process_batches(prepared: PreparedPipeline, records: list[Row], task: PartitionTask, res: RowResults,
+                     exporter: Any = None) -> None:
     extra = {"manifest_base": task.base} if "manifest_base" in prepared.loader_inputs else {}
     for batch in _loaded_batches(records, prepared.loader_inputs, task):
         live: list[tuple[int, Row]] = []
@@ -303,6 +352,8 @@ def _process_batches(prepared: PreparedPipeline, records: list[Row], task: Parti
                 res.record(i, checked)
                 still.append((i, row))
             live = still
+        if exporter is not None:
+            res.exports += [(i, exporter(row)) for i, row in live]
         res.flush(batch[-1][0] + 1)
 
 
@@ -447,13 +498,19 @@ def _arrow_type(spec: Output) -> pa.DataType:
 def result_table(specs: Sequence[Output], rows: pd.DataFrame, res: RowResults, store: Store,
                  task: PartitionTask) -> pa.Table:
     """Input columns, then output columns and references, then status, error and seconds."""
-    written = {spec.column for spec in specs} | {"status", "error", "seconds"}
+    from daskmv.export import SUFFIX, exported
+
+    files = {spec.name for spec in exported(specs)} if task.export else set()
+    written = {spec.column for spec in specs} | {name + SUFFIX for name in files} | {"status", "error", "seconds"}
     inputs = rows[[c for c in rows.columns if c not in written]]
     table = pa.Table.from_pandas(inputs, preserve_index=False)
     for spec in specs:
         if spec.kind == "array":
             refs = store.write_array(spec.name, task.index, task.generation, res.arrays[spec.name], spec.compression)
             table = table.append_column(spec.column, pa.array(refs, pa.string()))
+            if spec.name in files:
+                paths = res.export_paths.get(spec.name) or [None] * len(rows)
+                table = table.append_column(spec.name + SUFFIX, pa.array(paths, pa.string()))
         else:
             table = table.append_column(spec.column, pa.array(res.columns[spec.name], _arrow_type(spec)))
     status = ["ok" if err is None else "error" for err in res.errors]

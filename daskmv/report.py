@@ -274,16 +274,22 @@ def _errors(facts: RunFacts) -> str:
 
 # -- gallery ---------------------------------------------------------------------------------------
 def _gallery(facts: RunFacts, n: int, seed: int) -> str:
+    ok, picks = sample_ok_rows(facts, n, seed)
+    if not len(picks):
+        return "<section id='gallery'><h2>Gallery</h2><p>No finished rows to show.</p></section>"
+    ops = _ops(facts)
+    cards = [_card(ok.iloc[int(i)], row_images(facts, ok.iloc[int(i)], ops)) for i in picks]
+    return (f"<section id='gallery'><h2>Gallery</h2><p>{len(cards)} rows sampled at random (seed {seed}) from "
+            f"{len(ok):,} ok rows.</p><div class='cards'>{''.join(cards)}</div></section>")
+
+
+def sample_ok_rows(facts: RunFacts, n: int, seed: int) -> tuple[pd.DataFrame, np.ndarray]:
+    """The run's ok rows and ``n`` of their positions drawn with ``seed`` (sorted)."""
     frame = facts.rows
     ok = frame[frame["status"] == "ok"] if "status" in frame else frame.iloc[:0]
     if ok.empty or n <= 0:
-        return "<section id='gallery'><h2>Gallery</h2><p>No finished rows to show.</p></section>"
-    picks = np.sort(np.random.default_rng(seed).choice(len(ok), size=min(n, len(ok)), replace=False))
-    ops = _ops(facts)
-    reads_images = any("image" in op.input_names() for op in ops) if ops else False
-    cards = [_card(facts, ok.iloc[int(i)], ops, reads_images) for i in picks]
-    return (f"<section id='gallery'><h2>Gallery</h2><p>{len(cards)} rows sampled at random (seed {seed}) from "
-            f"{len(ok):,} ok rows.</p><div class='cards'>{''.join(cards)}</div></section>")
+        return ok, np.zeros(0, int)
+    return ok, np.sort(np.random.default_rng(seed).choice(len(ok), size=min(n, len(ok)), replace=False))
 
 
 def _ops(facts: RunFacts) -> list[Any]:
@@ -295,10 +301,12 @@ def _ops(facts: RunFacts) -> list[Any]:
         return []
 
 
-def _card(facts: RunFacts, row: pd.Series, ops: list[Any], reads_images: bool) -> str:
+def row_images(facts: RunFacts, row: pd.Series, ops: list[Any]) -> list[tuple[str, np.ndarray]]:
+    """What shows one row's results: its input image (when the pipeline reads images), then each op's
+    :meth:`~daskmv.ops.base.Op.gallery` images (every image-like array when the ops cannot be built)."""
     values = {k: row[k] for k in row.index}
     images: list[tuple[str, np.ndarray]] = []
-    if reads_images:
+    if any("image" in op.input_names() for op in ops):
         image = _input_image(facts, values)
         if image is not None:
             images.append(("input", image))
@@ -317,9 +325,13 @@ def _card(facts: RunFacts, row: pd.Series, ops: list[Any], reads_images: bool) -
                 continue
     else:
         images += [(k, v) for k, v in values.items() if looks_like_image(v)]
+    return [(label, img) for label, img in images if looks_like_image(img)]
+
+
+def _card(row: pd.Series, images: list[tuple[str, np.ndarray]]) -> str:
     tiles = "".join(f"<figure><img alt='{html.escape(label)}' src='{_thumbnail(img)}'><figcaption>{html.escape(label)}"
-                    f"</figcaption></figure>" for label, img in images if looks_like_image(img))
-    return f"<div class='card'><div class='id'>{html.escape(str(values.get('id')))}</div>{tiles}</div>"
+                    f"</figcaption></figure>" for label, img in images)
+    return f"<div class='card'><div class='id'>{html.escape(str(row.get('id')))}</div>{tiles}</div>"
 
 
 def _resolve_ref(facts: RunFacts, path: str) -> str:

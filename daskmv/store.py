@@ -46,7 +46,7 @@ ERRORS_LOG = "errors.log"
 ZARR = "outputs.zarr"
 PARTS = "parts"
 #: Files and folders daskmv owns in a root; ``--overwrite`` removes these and nothing else.
-OWNED = (RUN_JSON, MANIFEST, MANIFEST_CSV, ERRORS_LOG, ZARR, PARTS, "report.html")
+OWNED = (RUN_JSON, MANIFEST, MANIFEST_CSV, ERRORS_LOG, ZARR, PARTS, "report.html", "png", "preview.png")
 
 
 def now() -> str:

@@ -56,7 +56,8 @@ def slurm():
 @pytest.fixture
 def site_config(tmp_path) -> Path:
     path = tmp_path / "slurm-site.yaml"
-    path.write_text(yaml.safe_dump(SLURM_SITE))
+    site = {**SLURM_SITE, "cluster_kwargs": {**SLURM_SITE["cluster_kwargs"], "log_directory": str(tmp_path / "logs")}}
+    path.write_text(yaml.safe_dump(site))
     return path
 
 

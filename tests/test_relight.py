@@ -16,9 +16,10 @@ import daskmv
 from conftest import shared_data
 from daskmv.data import load_output
 from daskmv.errors import PipelineError
+from daskmv.imaging import lighting
 from daskmv.ops import degrade as degrade_module
 from daskmv.ops.image import decode_image
-from daskmv.ops.torchimg import exact_blur, to_tensor
+from daskmv.imaging.tensors import exact_blur, to_tensor
 from daskmv.pipeline import Pipeline
 
 IMAGES = {"input": 3, "mask": 2, "foreground": 3, "albedo": 3, "degraded_fg": 3, "output_image": 3, "background": 3}
@@ -249,13 +250,14 @@ def test_fast_surrounds_give_nearly_the_albedo_of_full_size_blurs(monkeypatch):
     separable blurs the albedo of the real photos differs by 0.2 and 2.1 levels on average (99th
     percentile 1 and 5 levels): most of it is the 250-px surround on a 512-px photo, where the border
     rule dominates either way. Documented in the README."""
-    import daskmv.ops.torchimg as torchimg
+    import daskmv.imaging.retinex as retinex
 
     for name in PEOPLE_FACES:
         image, _ = decode_image((shared_data("people") / name).read_bytes())
         row = run_ops("segment,albedo", [{"id": name, "image": image}])[0]
         with monkeypatch.context() as patch:
-            patch.setattr(torchimg, "gaussian_blur", lambda x, sigma: exact_blur(x, sigma, sigma))
+            for name in ("gaussian_blur", "blur_shrunk"):
+                patch.setattr(retinex, name, lambda x, sigma: exact_blur(x, sigma, sigma))
             exact = run_ops("albedo", [{"id": name, "image": image, "mask": row["mask"]}])[0]["albedo"]
         diff = np.abs(row["albedo"].astype(int) - exact.astype(int))[row["mask"] >= 128]
         assert diff.mean() < 2.5 and np.percentile(diff, 99) <= 6, (name, diff.mean())
@@ -282,7 +284,7 @@ def test_degradations_are_seeded_by_row_and_recorded_in_full():
         assert a["degradation"] == b["degradation"]
         params = json.loads(json.dumps(a["degradation"]))  # what the manifest column holds
         kinds.add(params["kind"])
-        redone = degrade_module.apply(to_tensor([a["image"]], "cpu"), params, "cpu")
+        redone = lighting.apply(to_tensor([a["image"]], "cpu"), params, "cpu")
         inside = a["mask"] >= 128
         replay = np.clip(np.round(redone[0].permute(1, 2, 0).numpy() * 255), 0, 255).astype(np.uint8)
         np.testing.assert_array_equal(replay[inside], a["degraded_fg"][inside])
@@ -393,3 +395,69 @@ def test_relight_on_gpu_matches_cpu():
         for name in ("albedo", "degraded_fg", "output_image"):
             diff = np.abs(a[name].astype(int) - b[name].astype(int))
             assert diff.max() <= 2 and diff.mean() < 0.05, name
+
+
+# -- plain files and the contact sheet ------------------------------------------------------------------
+@pytest.mark.slow
+def test_export_png_writes_the_seed_style_files_and_the_csv_points_at_them(client, tmp_path, run_opts):
+    from daskmv.errors import StoreError, UsageError
+
+    paths, masks = [], []
+    for k in range(5):
+        image, mask = red_scene(seed=k, shift=4 * k)
+        paths.append(Path(save_rgb(tmp_path / f"s{k}.png", image)).name)
+        cv2.imwrite(str(tmp_path / f"m{k}.png"), mask)
+        masks.append(f"m{k}.png")
+    paths.append("missing.png")
+    masks.append("m0.png")
+    pd.DataFrame({"path": paths, "mask_file": masks}).to_csv(tmp_path / "m.csv", index=False)
+    spec = [{"relight": {"segment": {"mask_column": "mask_file"}}}]
+    out = tmp_path / "out"
+    result = daskmv.run(str(tmp_path / "m.csv"), spec, str(out), client=client, export="png", **run_opts)
+    frame = result.manifest()
+    csv = pd.read_csv(out / "manifest.csv").set_index("id")
+    files = {"output": "output_image", "input": "input", "albedo": "albedo", "degraded_fg": "degraded_fg",
+             "foreground": "foreground", "background": "background", "mask": "mask"}
+    for _, row in frame.iterrows():
+        if row["status"] == "error":
+            assert pd.isna(row["output_image_png"]) and pd.isna(csv.loc[row["id"], "output_image_path"])
+            continue
+        assert "#" in row["output_image_path"]  # the parquet keeps the Zarr reference
+        folder = out / Path(row["output_image_png"]).parent
+        for suffix, name in files.items():
+            png = folder / f"{row['id']}_{suffix}.png"
+            assert row[f"{name}_png"] == str(png.relative_to(out))
+            assert csv.loc[row["id"], f"{name}_path"] == row[f"{name}_png"]
+            stored = load_output(result.manifest_path, row["id"], name)
+            pixels = cv2.imread(str(png), cv2.IMREAD_UNCHANGED)
+            np.testing.assert_array_equal(pixels if pixels.ndim == 2 else cv2.cvtColor(pixels, cv2.COLOR_BGR2RGB),
+                                          stored)
+        meta = json.loads((folder / f"{row['id']}_metadata.json").read_text())
+        assert meta["degradation"] == json.loads(row["degradation"]) and meta["id"] == row["id"]
+        assert meta["files"]["output_image"] == f"{row['id']}_output.png"
+    assert (frame["status"] == "ok").sum() == 5
+    with pytest.raises(StoreError, match="export"):
+        daskmv.run(str(tmp_path / "m.csv"), spec, str(out), client=client, **run_opts)
+    with pytest.raises(UsageError, match="formats"):
+        daskmv.run(str(tmp_path / "m.csv"), spec, str(tmp_path / "o2"), client=client, export="jpeg", **run_opts)
+
+
+@pytest.mark.slow
+def test_preview_draws_a_contact_sheet_of_every_stage(people_run, tmp_path):
+    from typer.testing import CliRunner
+
+    from daskmv.cli import app
+
+    _, out = people_run
+    target = tmp_path / "sheet.png"
+    res = CliRunner().invoke(app, ["preview", str(out), "--n", "4", "--tile", "96", "--to", str(target)])
+    assert res.exit_code == 0, res.output
+    sheet = cv2.imread(str(target), cv2.IMREAD_COLOR)
+    labels = ["input", "mask", "foreground", "albedo", "degraded_fg", "output"]
+    assert sheet.shape[0] == 28 + len(PEOPLE_FACES) * 100 and sheet.shape[1] == 180 + len(labels) * 100
+    for r in range(len(PEOPLE_FACES)):
+        for c in range(len(labels)):
+            tile = sheet[28 + r * 100 : 28 + r * 100 + 96, 180 + c * 100 : 180 + c * 100 + 96]
+            assert tile.std() > 10, (r, labels[c])  # every stage drew a real picture, not the backdrop
+    missing = CliRunner().invoke(app, ["preview", str(tmp_path / "nowhere")])
+    assert missing.exit_code == 2 and "not a daskmv output root" in missing.output

@@ -63,6 +63,7 @@ class Output:
     ``dtype`` is a NumPy dtype name, or for columns also ``string`` or ``json`` (any JSON-able value,
     stored as text). ``compression`` (arrays only: ``zstd``, ``lz4`` or None) suits outputs that
     compress well, such as masks; images and embeddings barely compress and are stored raw by default.
+    ``export_as`` names the file ``--export png`` writes (``<id>_<export_as>.png``; default the name).
     """
 
     name: str
@@ -70,6 +71,7 @@ class Output:
     dtype: str
     help: str = ""
     compression: str | None = None
+    export_as: str | None = None
 
     @property
     def column(self) -> str:

@@ -11,14 +11,11 @@ import json
 from typing import Any
 
 import numpy as np
-import torch
 
 from daskmv.errors import PipelineError
 from daskmv.ops.base import Op, Output, Param, Row
 from daskmv.ops.registry import register_op, register_pipeline
-from daskmv.ops.torchimg import (
-    binary, erode, gaussian_blur, hex_color, map_groups, mask_image, rgb_image, to_tensor, to_uint8,
-)
+from daskmv.ops.rows import hex_color, map_groups, mask_image, rgb_image
 
 
 @register_op
@@ -33,6 +30,9 @@ class InputImage(Op):
 
     def process(self, rows: list[Row]) -> list[Row | BaseException]:
         return [{"input": row["image"]} for row in rows]
+
+    def gallery(self, row: Row) -> list[tuple[str, Any]]:
+        return []  # the input image leads every gallery row already
 
 
 @register_op
@@ -49,7 +49,7 @@ class Composite(Op):
         "edge_sigma": Param(1.0, "Gaussian sigma (pixels) of the anti-aliased edge"),
     }
     outputs = (
-        Output("output_image", "array", "uint8", "the composite [H, W, 3]"),
+        Output("output_image", "array", "uint8", "the composite [H, W, 3]", export_as="output"),
         Output("background", "array", "uint8", "the background it was composited onto [H, W, 3]",
                compression="zstd"),
         Output("metadata", "column", "json", "what made this row's images: sizes, mask coverage, "
@@ -87,6 +87,10 @@ class Composite(Op):
             return source, mask, original
 
         def compute(inputs: list[tuple[np.ndarray, ...]], group: list[Row]) -> list[Row]:
+            import torch
+
+            from daskmv.imaging.tensors import edge_alpha, to_tensor, to_uint8
+
             with torch.inference_mode():
                 source = to_tensor([i[0] for i in inputs], self.device)
                 alpha = edge_alpha(to_tensor([i[1] for i in inputs], self.device), cfg)
@@ -103,6 +107,9 @@ class Composite(Op):
 
         return map_groups(rows, read, compute)
 
+    def gallery(self, row: Row) -> list[tuple[str, Any]]:
+        return [("output", row.get("output_image"))]  # the background is one flat colour: not worth a tile
+
     def _metadata(self, row: Row, mask: np.ndarray) -> dict[str, Any]:
         h, w = mask.shape
         meta: dict[str, Any] = {"id": row.get("id"), "width": w, "height": h,
@@ -115,14 +122,6 @@ class Composite(Op):
             if value is not None and value == value:
                 meta["source" if key == "url" else key] = value
         return meta
-
-
-def edge_alpha(mask: torch.Tensor, cfg: dict[str, Any]) -> torch.Tensor:
-    """Anti-aliased alpha: the binary mask eroded, feathered by a Gaussian, and zero outside the mask,
-    so every pixel outside it is exactly the background."""
-    inside = binary(mask)
-    feathered = gaussian_blur(erode(inside, int(cfg["edge_erode"])), float(cfg["edge_sigma"]))
-    return feathered * inside
 
 
 def _color(text: str) -> tuple[float, float, float]:

@@ -30,7 +30,7 @@ from daskmv.ops.base import Op, Output, Param, Row
 from daskmv.ops.core import parse_size
 from daskmv.ops.registry import register_op
 from daskmv.ops.torch_model import check_model, file_identity, load_torch_model, select_output
-from daskmv.ops.torchimg import rgb_image
+from daskmv.ops.rows import rgb_image
 from daskmv.paths import resolve_path
 
 BACKENDS = ("auto", "selfie", "model", "column")
@@ -254,7 +254,7 @@ class _ModelSegmenter:
         self.output_key = cfg["output_key"]
 
     def __call__(self, images: list[np.ndarray]) -> list[np.ndarray]:
-        from daskmv.ops.torchimg import groups_by_size
+        from daskmv.ops.rows import groups_by_size
 
         if self.size is not None:
             resized = [cv2.resize(im, self.size, interpolation=cv2.INTER_AREA) for im in images]
