@@ -21,6 +21,10 @@ demo: $(STAMP)
 	$(VENV)/bin/daskmv run manifests/sample/manifest.csv --pipeline manifests/demo_pipeline.yaml \
 		--out demo-out --workers 2 --overwrite
 	$(VENV)/bin/daskmv status demo-out
+	# the relight pipeline on the real photos of people, with plain PNG files and a contact sheet
+	$(VENV)/bin/daskmv run manifests/sample/people.csv --pipeline relight --out demo-relight --workers 2 \
+		--export png --overwrite
+	$(VENV)/bin/daskmv preview demo-relight
 
 # pytest exits 5 when it collects nothing; any non-zero status fails the target.
 test: $(STAMP)
@@ -30,4 +34,4 @@ bench: $(STAMP)
 	$(PY) benchmarks/engine.py
 
 clean:
-	rm -rf $(VENV) demo-out manifests/sample benchmarks/work
+	rm -rf $(VENV) demo-out demo-relight manifests/sample benchmarks/work

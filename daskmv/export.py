@@ -69,12 +69,12 @@ def export_row(store: Store, index: int, row: dict[str, Any], specs: Sequence[Ou
 
 
 def encode_png(image: np.ndarray) -> bytes:
-    """PNG bytes of an RGB(A) or gray uint8 image (fast compression: these files are for reading back)."""
+    """PNG bytes of an RGB(A) or gray uint8 image."""
     if image.ndim == 3 and image.shape[2] == 3:
         image = cv2.cvtColor(np.ascontiguousarray(image), cv2.COLOR_RGB2BGR)
     elif image.ndim == 3 and image.shape[2] == 4:
         image = cv2.cvtColor(np.ascontiguousarray(image), cv2.COLOR_RGBA2BGRA)
-    ok, data = cv2.imencode(".png", np.ascontiguousarray(image), [cv2.IMWRITE_PNG_COMPRESSION, 1])
+    ok, data = cv2.imencode(".png", np.ascontiguousarray(image))  # OpenCV's default is its fastest level
     if not ok:
         raise ValueError(f"cannot encode an array of shape {image.shape} as PNG")
     return data.tobytes()

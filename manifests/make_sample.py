@@ -59,7 +59,10 @@ def main(folder: str) -> None:
     pd.DataFrame({"path": paths, "source": [p.split("/")[1].split("_")[0] for p in paths]}).to_csv(
         root / "manifest.csv", index=False)
     tiny_model(root / "tiny_cnn.pt")
-    print(f"sample: {len(paths)} rows in {root / 'manifest.csv'}")
+    people = [p for p in paths if p.startswith("images/real_people_")] or paths[:4]  # no photos: rows fail "no person"
+    pd.DataFrame({"path": people}).to_csv(root / "people.csv", index=False)
+    print(f"sample: {len(paths)} rows in {root / 'manifest.csv'}, {len(people)} photos of people in "
+          f"{root / 'people.csv'}")
 
 
 if __name__ == "__main__":
