@@ -27,8 +27,8 @@ out = Console()
 #: Run settings a --config YAML file may hold (dashes or underscores); command-line flags win.
 CONFIG_KEYS = {
     "pipeline", "out", "cluster", "workers", "threads_per_worker", "partition_rows", "batch_size",
-    "decode_threads", "path_column", "id_column", "limit", "overwrite", "retry_errors", "retries",
-    "retry_delay", "window", "require_gpu", "progress", "storage_options", "cluster_kwargs",
+    "decode_threads", "decode_scale", "path_column", "id_column", "limit", "overwrite", "retry_errors", "retries",
+    "retry_delay", "window", "require_gpu", "progress", "storage_options", "cluster_kwargs", "export",
 }
 
 
@@ -75,6 +75,8 @@ def run(
     limit: Optional[int] = typer.Option(None, help="Run only the first N rows."),
     retries: Optional[int] = typer.Option(None, help="Retries of a failed partition, with back-off (default 3)."),
     decode_threads: Optional[int] = typer.Option(None, help="File read/decode threads per worker (default 2)."),
+    decode_scale: Optional[int] = typer.Option(None, help="Decode images at 1/2, 1/4 or 1/8 size (JPEG: much "
+                                               "faster); for ops that only need a small image. Default 1."),
     require_gpu: bool = typer.Option(False, "--require-gpu", help="Refuse to run GPU ops on CPU workers."),
     progress: Optional[str] = typer.Option(None, help="auto, bar, notebook, log or none."),
     report: bool = typer.Option(False, "--report", help="Write OUT/report.html when the run ends."),
@@ -90,6 +92,7 @@ def run(
             "pipeline": pipeline, "out": out_dir, "cluster": cluster, "workers": workers,
             "partition_rows": partition_rows, "batch_size": batch_size, "path_column": path_column,
             "id_column": id_column, "limit": limit, "retries": retries, "decode_threads": decode_threads,
+            "decode_scale": decode_scale,
             "progress": progress, "export": export,
         }
         settings.update({k: v for k, v in flags.items() if v is not None})

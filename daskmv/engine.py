@@ -34,6 +34,7 @@ from daskmv.assemble import ManifestWriter, SchemaMismatch
 from daskmv.cluster import connect, worker_summary
 from daskmv.errors import RunError, StoreError, UsageError
 from daskmv.manifest import Manifest, read_manifest
+from daskmv.ops.image import DECODE_SCALES
 from daskmv.partition import OpCache, PartitionTask, failed_partition_table, run_partition
 from daskmv.pipeline import Pipeline
 from daskmv.progress import RunProgress
@@ -56,6 +57,7 @@ class RunOptions:
     partition_rows: int | None = None
     batch_size: int = DEFAULT_BATCH_SIZE
     decode_threads: int = 2
+    decode_scale: int = 1
     path_column: str = "path"
     id_column: str | None = None
     limit: int | None = None
@@ -158,13 +160,15 @@ def _run(manifest: str | Manifest, pipeline: str | Pipeline | list[Any], out: st
                                  limit=opts.limit, storage_options=opts.storage_options)
     pipeline = Pipeline.parse(pipeline)
     _check_export(opts.export, pipeline)
+    if opts.decode_scale not in DECODE_SCALES:
+        raise UsageError(f"--decode-scale {opts.decode_scale}: use one of {', '.join(map(str, DECODE_SCALES))}")
     replaced = pipeline.validate(manifest.columns, manifest.path_column)
     if replaced:
         progress.note(f"note: the pipeline's outputs replace the manifest column(s) {', '.join(replaced)}")
     store = Store(out, opts.storage_options)
     store.acquire_lock()
     try:
-        binding = {**_binding(manifest, pipeline), "export": opts.export}
+        binding = {**_binding(manifest, pipeline), "export": opts.export, "decode_scale": opts.decode_scale}
         previous = store.prepare(binding, opts.overwrite)
         partition_rows = _known_partition_rows(previous, opts.partition_rows)
         with connect(client or opts.cluster, workers=opts.workers, threads_per_worker=opts.threads_per_worker,
@@ -312,6 +316,7 @@ class _Runner:
                 index=index, rows=rows, rows_hash=digest, fingerprint=fingerprint, steps=steps,
                 root=self.store.root, base=self.manifest.base, path_column=self.manifest.path_column,
                 batch_size=self.opts.batch_size, decode_threads=self.opts.decode_threads,
+                decode_scale=self.opts.decode_scale,
                 storage_options=self.opts.storage_options, export=self.opts.export,
             )
             if done and self.opts.retry_errors and marker.errors:

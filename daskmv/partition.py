@@ -56,6 +56,7 @@ class PartitionTask:
     path_column: str = "path"
     batch_size: int = 32
     decode_threads: int = 2
+    decode_scale: int = 1
     storage_options: dict[str, Any] = field(default_factory=dict)
     generation: int = 0
     retry_ids: list[str] | None = None
@@ -369,7 +370,7 @@ def _loaded_batches(
     if task.decode_threads <= 0:  # load on this thread: no overlap, no thread switching
         for start in range(0, len(records), size):
             stop = min(start + size, len(records))
-            yield [(i, *_load_row(_row_url(records[i], task), wanted)) for i in range(start, stop)]
+            yield [(i, *_load_row(_row_url(records[i], task), wanted, task.decode_scale)) for i in range(start, stop)]
         return
     pool = _pool(task.decode_threads)
     ahead = size + max(size, 2 * task.decode_threads)
@@ -381,7 +382,7 @@ def _loaded_batches(
             i = next(todo, None)
             if i is None:
                 return
-            pending.append((i, pool.submit(_load_row, _row_url(records[i], task), wanted)))
+            pending.append((i, pool.submit(_load_row, _row_url(records[i], task), wanted, task.decode_scale)))
 
     fill()
     while pending:
@@ -398,12 +399,12 @@ def _row_url(record: Row, task: PartitionTask) -> str:
     return "" if path is None or path != path else resolve_path(str(path), task.base)
 
 
-def _load_row(url: str, wanted: frozenset[str]) -> tuple[Row | BaseException, float]:
+def _load_row(url: str, wanted: frozenset[str], scale: int = 1) -> tuple[Row | BaseException, float]:
     t = time.perf_counter()
     try:
         if not url:
             raise RowError("no file path in this row")
-        loaded: Row | BaseException = load_inputs(url, wanted)
+        loaded: Row | BaseException = load_inputs(url, wanted, scale)
     except Exception as exc:  # every failure to read or decode belongs to this row
         loaded = exc
     return loaded, time.perf_counter() - t

@@ -11,7 +11,7 @@ from conftest import shared_data
 from daskmv.errors import RowError
 from daskmv.ops import REGISTRY
 from daskmv.ops.core import image_stats, stats_reference
-from daskmv.ops.image import decode_image, load_inputs, read_bytes
+from daskmv.ops.image import decode_image, load_inputs, read_bytes, shrink
 
 
 def encode(ext: str, img: np.ndarray) -> bytes:
@@ -61,6 +61,46 @@ def test_loader_makes_only_what_is_asked(tmp_path):
     assert set(load_inputs(str(path), frozenset({"url"}))) == {"url"}
     assert set(load_inputs(str(path), frozenset({"bytes"}))) == {"url", "bytes"}
     assert set(load_inputs(str(path), frozenset({"image"}))) == {"url", "image", "image_info"}
+
+
+def _encoded(image: np.ndarray, ext: str, *params: int) -> bytes:
+    return cv2.imencode(ext, image, list(params))[1].tobytes()
+
+
+def test_reduced_decoding_is_off_unless_asked(tmp_path):
+    photo = cv2.imread(str(shared_data("people") / "apollo11_crew_nasa.jpg"), cv2.IMREAD_COLOR)
+    path = tmp_path / "p.jpg"
+    path.write_bytes(_encoded(photo, ".jpg", cv2.IMWRITE_JPEG_QUALITY, 95))
+    loaded = load_inputs(str(path), frozenset({"image"}))
+    np.testing.assert_array_equal(loaded["image"], cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2RGB))
+    assert "scale" not in loaded["image_info"]
+
+
+@pytest.mark.parametrize("scale", [2, 4, 8])
+@pytest.mark.parametrize("kind", ["jpeg", "gray-jpeg", "png", "rgba-png", "16bit-png"])
+def test_reduced_decoding_matches_an_area_shrink_and_keeps_the_file_facts(kind, scale):
+    """Within 1 level on average (0.1-0.5 measured) of decoding whole and averaging blocks (libjpeg scales
+    in the DCT domain); width, height, channels and dtype still describe the file."""
+    photo = cv2.imread(str(shared_data("people") / "apollo11_crew_nasa.jpg"), cv2.IMREAD_COLOR)[:471, :599]
+    data = {
+        "jpeg": lambda: _encoded(photo, ".jpg", cv2.IMWRITE_JPEG_QUALITY, 95),
+        "gray-jpeg": lambda: _encoded(cv2.cvtColor(photo, cv2.COLOR_BGR2GRAY), ".jpg", cv2.IMWRITE_JPEG_QUALITY, 95),
+        "png": lambda: _encoded(photo, ".png"),
+        "rgba-png": lambda: _encoded(np.dstack([photo, np.full(photo.shape[:2], 90, np.uint8)]), ".png"),
+        "16bit-png": lambda: _encoded(photo.astype(np.uint16) * 257, ".png"),
+    }[kind]()
+    full, full_info = decode_image(data)
+    small, info = decode_image(data, "x", scale)
+    assert small.shape == (-(-471 // scale), -(-599 // scale), 3) and small.dtype == np.uint8
+    reference = shrink(full, scale)  # block averages, partial blocks edge-padded
+    assert np.abs(small.astype(int) - reference.astype(int)).mean() < 1.0
+    assert info["scale"] == scale
+    assert {k: info[k] for k in ("width", "height", "channels", "dtype", "format")} == full_info
+
+
+def test_reduced_decoding_of_a_broken_jpeg_is_a_row_error():
+    with pytest.raises(RowError, match="corrupt"):
+        decode_image(b"\xff\xd8\xff\xe0" + b"\x00" * 40, "broken.jpg", 2)
 
 
 def test_resize_sizes_and_interpolation():

@@ -60,13 +60,22 @@ def sniff_format(data: bytes) -> str:
     return "unknown"
 
 
-def decode_image(data: bytes, url: str = "") -> tuple[np.ndarray, dict[str, Any]]:
+#: Reduced decoding: 1/2, 1/4 or 1/8 of each side (``--decode-scale``), libjpeg's DCT scaling for JPEGs.
+DECODE_SCALES = (1, 2, 4, 8)
+_REDUCED = {2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4, 8: cv2.IMREAD_REDUCED_COLOR_8}
+
+
+def decode_image(data: bytes, url: str = "", scale: int = 1) -> tuple[np.ndarray, dict[str, Any]]:
     """Decode to RGB uint8 ``[H, W, 3]`` plus what the file held (width, height, channels, dtype, format).
 
     Gray images are repeated to three channels, alpha is dropped, 16-bit values are scaled to 8 bits
-    (rounded). Bytes that are not an image are a RowError.
+    (rounded). Bytes that are not an image are a RowError. ``scale`` > 1 decodes at 1/scale of each side
+    (rounded up): JPEGs through libjpeg's reduced DCT, several times faster; other formats are decoded
+    whole and shrunk by area averaging. ``image_info`` still describes the file.
     """
     fmt = sniff_format(data)
+    if scale > 1 and fmt == "jpeg":
+        return _decode_reduced_jpeg(data, url, scale)
     raw = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
     if raw is None or raw.size == 0:
         hint = "" if fmt == "unknown" else f" (looks like {fmt}, probably truncated or corrupt)"
@@ -79,7 +88,53 @@ def decode_image(data: bytes, url: str = "") -> tuple[np.ndarray, dict[str, Any]
         "dtype": str(raw.dtype),
         "format": fmt,
     }
-    return to_rgb8(raw), info
+    image = to_rgb8(raw)
+    if scale > 1:
+        image = shrink(image, scale)
+        info["scale"] = scale
+    return image, info
+
+
+def shrink(image: np.ndarray, scale: int) -> np.ndarray:
+    """Each ``scale`` x ``scale`` block averaged, the last partial blocks edge-padded (as JPEG pads them)."""
+    h, w = image.shape[:2]
+    hs, ws = -(-h // scale), -(-w // scale)
+    padded = cv2.copyMakeBorder(image, 0, hs * scale - h, 0, ws * scale - w, cv2.BORDER_REPLICATE)
+    return cv2.resize(padded, (ws, hs), interpolation=cv2.INTER_AREA)
+
+
+def _decode_reduced_jpeg(data: bytes, url: str, scale: int) -> tuple[np.ndarray, dict[str, Any]]:
+    header = jpeg_header(data)
+    flags = _REDUCED[scale] | cv2.IMREAD_IGNORE_ORIENTATION  # like the full decode: pixels as stored
+    raw = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
+    if raw is None or raw.size == 0 or header is None:
+        raise RowError(f"cannot decode image (looks like jpeg, probably truncated or corrupt): {url}")
+    width, height, channels, bits = header
+    info = {"width": width, "height": height, "channels": channels, "dtype": "uint8" if bits <= 8 else "uint16",
+            "format": "jpeg", "scale": scale}
+    return cv2.cvtColor(raw, cv2.COLOR_BGR2RGB), info
+
+
+def jpeg_header(data: bytes) -> tuple[int, int, int, int] | None:
+    """(width, height, components, bits per sample) from a JPEG's start-of-frame marker, without decoding."""
+    i, n = 2, len(data)
+    while i + 9 < n:
+        if data[i] != 0xFF:
+            return None
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker in (0x01, 0xD8) or 0xD0 <= marker <= 0xD7:
+            i += 2
+            continue
+        length = int.from_bytes(data[i + 2 : i + 4], "big")
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+            bits, height, width, comps = data[i + 4], int.from_bytes(data[i + 5 : i + 7], "big"), \
+                int.from_bytes(data[i + 7 : i + 9], "big"), data[i + 9]
+            return width, height, comps, bits
+        i += 2 + length
+    return None
 
 
 def to_rgb8(raw: np.ndarray) -> np.ndarray:
@@ -98,8 +153,9 @@ def to_rgb8(raw: np.ndarray) -> np.ndarray:
     return cv2.cvtColor(raw, cv2.COLOR_BGR2RGB)
 
 
-def load_inputs(url: str, wanted: frozenset[str]) -> dict[str, Any]:
-    """Make the loader inputs an op asked for (``url``, ``bytes``, ``image``, ``image_info``)."""
+def load_inputs(url: str, wanted: frozenset[str], scale: int = 1) -> dict[str, Any]:
+    """Make the loader inputs an op asked for (``url``, ``bytes``, ``image``, ``image_info``);
+    ``scale`` > 1 decodes images reduced (see :func:`decode_image`)."""
     out: dict[str, Any] = {"url": url}
     if not wanted & {"bytes", "image", "image_info"}:
         return out
@@ -107,5 +163,5 @@ def load_inputs(url: str, wanted: frozenset[str]) -> dict[str, Any]:
     if "bytes" in wanted:
         out["bytes"] = data
     if wanted & {"image", "image_info"}:
-        out["image"], out["image_info"] = decode_image(data, url)
+        out["image"], out["image_info"] = decode_image(data, url, scale)
     return out
