@@ -1,7 +1,9 @@
 """What users write by hand, kept lean (OpenCV and NumPy only, as such scripts import).
 
-The per-image work is the same as daskmv's ``resize,stats`` with the same OpenCV primitives, so the
-comparison measures the engine, not the op implementations.
+Two versions of the per-image work of daskmv's ``resize,stats``: ``process_one`` uses the same OpenCV
+primitives as daskmv (the comparison then measures the engine alone), ``process_one_naive`` computes the
+statistics the way hand-written scripts usually do, in NumPy (float32 mean/std, a float64 Laplacian):
+the issue's "hand-written Pool".
 """
 
 from __future__ import annotations
@@ -25,8 +27,22 @@ def stats(image: np.ndarray) -> dict:
     return out
 
 
+def naive_stats(image: np.ndarray) -> dict:
+    pixels = image.reshape(-1, 3).astype(np.float32)
+    gray = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY).astype(np.float64)
+    lap = gray[:-2, 1:-1] + gray[2:, 1:-1] + gray[1:-1, :-2] + gray[1:-1, 2:] - 4.0 * gray[1:-1, 1:-1]
+    out = {f"mean_{c}": float(pixels[:, i].mean()) for i, c in enumerate("rgb")}
+    out.update({f"std_{c}": float(pixels[:, i].std()) for i, c in enumerate("rgb")})
+    out["sharpness"] = float(lap.var())
+    return out
+
+
 def decode_only(path: str) -> int:
     return cv2.imread(path, cv2.IMREAD_COLOR).shape[0]
+
+
+def decode_only_reduced(path: str) -> int:
+    return cv2.imread(path, cv2.IMREAD_REDUCED_COLOR_2).shape[0]
 
 
 def process_one(args: tuple[int, str, str]) -> dict:
@@ -36,6 +52,15 @@ def process_one(args: tuple[int, str, str]) -> dict:
     resized = cv2.resize(image, (224, 224), interpolation=cv2.INTER_AREA)
     np.save(os.path.join(out, f"{i:07d}.npy"), resized)
     return {"path": path, **stats(image)}
+
+
+def process_one_naive(args: tuple[int, str, str]) -> dict:
+    """The same row with the statistics in NumPy, as hand-written scripts compute them."""
+    i, path, out = args
+    image = cv2.cvtColor(cv2.imread(path, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+    resized = cv2.resize(image, (224, 224), interpolation=cv2.INTER_AREA)
+    np.save(os.path.join(out, f"{i:07d}.npy"), resized)
+    return {"path": path, **naive_stats(image)}
 
 
 def compute_only(path: str) -> float:
@@ -52,11 +77,12 @@ def pool_compute_only(paths: list[str], processes: int) -> float:
     return time.perf_counter() - t
 
 
-def pool_run(paths: list[str], out: str, processes: int) -> tuple[float, list[dict]]:
+def pool_run(paths: list[str], out: str, processes: int, naive: bool = False) -> tuple[float, list[dict]]:
     os.makedirs(out, exist_ok=True)
     t = time.perf_counter()
     with mp.get_context("spawn").Pool(processes) as pool:
-        rows = pool.map(process_one, [(i, p, out) for i, p in enumerate(paths)], chunksize=64)
+        rows = pool.map(process_one_naive if naive else process_one, [(i, p, out) for i, p in enumerate(paths)],
+                        chunksize=64)
     return time.perf_counter() - t, rows
 
 
@@ -67,8 +93,8 @@ def loop_run(paths: list[str], out: str) -> tuple[float, list[dict]]:
     return time.perf_counter() - t, rows
 
 
-def decode_limit(paths: list[str], processes: int) -> float:
+def decode_limit(paths: list[str], processes: int, reduced: bool = False) -> float:
     t = time.perf_counter()
     with mp.get_context("spawn").Pool(processes) as pool:
-        pool.map(decode_only, paths, chunksize=64)
+        pool.map(decode_only_reduced if reduced else decode_only, paths, chunksize=64)
     return time.perf_counter() - t

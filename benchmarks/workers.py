@@ -30,6 +30,9 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--work", default=str(HERE / "work"))
     ap.add_argument("--scratch", default=None)
+    ap.add_argument("--width", type=int, default=128)
+    ap.add_argument("--height", type=int, default=128)
+    ap.add_argument("--decode-threads", default="0,1,2,4", help="loader threads per worker to compare")
     ap.add_argument("--save", action="store_true", help="also write the table to benchmarks/results/")
     args = ap.parse_args()
     import daskmv
@@ -41,7 +44,7 @@ def main() -> None:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     scratch = Path(args.scratch or work)
-    manifest = make_images(work, args.images, 128, 128)
+    manifest = make_images(work, args.images, args.width, args.height)
     warm_cache(pd.read_parquet(manifest)["path"].tolist())
     layouts = {
         "2 processes x 1 thread (default)": lambda: local_cluster(2, 1, dashboard_address=":0"),
@@ -51,32 +54,50 @@ def main() -> None:
     }
     out = scratch / "workers-out"
     results = {}
+
+    def timed(client, **options) -> float:
+        daskmv.run(str(manifest), "resize,stats", str(out), client=client, progress="none", limit=64,
+                   overwrite=True, **options)
+        times = []
+        for _ in range(args.repeat):
+            shutil.rmtree(out, ignore_errors=True)
+            os.sync()
+            t = time.perf_counter()
+            daskmv.run(str(manifest), "resize,stats", str(out), client=client, progress="none", **options)
+            times.append(time.perf_counter() - t)
+        return statistics.median(times)
+
     for name, start in layouts.items():
         with start() as cluster, Client(cluster) as client:
-            daskmv.run(str(manifest), "resize,stats", str(out), client=client, progress="none", limit=64,
-                       overwrite=True)
-            times = []
-            for _ in range(args.repeat):
-                shutil.rmtree(out, ignore_errors=True)
-                os.sync()
-                t = time.perf_counter()
-                daskmv.run(str(manifest), "resize,stats", str(out), client=client, progress="none")
-                times.append(time.perf_counter() - t)
-            results[name] = statistics.median(times)
+            results[name] = timed(client)
+    threads = {}
+    with layouts["2 processes x 1 thread (default)"]() as cluster, Client(cluster) as client:
+        for n in [int(x) for x in args.decode_threads.split(",") if x.strip()]:
+            label = f"{n} loader thread(s) per worker" + (" (default)" if n == 2 else "") + \
+                (": read and decode on the task's thread" if n == 0 else "")
+            threads[label] = timed(client, decode_threads=n)
     shutil.rmtree(out, ignore_errors=True)
     best = min(results.values())
     lines = [f"## Worker layouts, {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC", "",
              f"- command: `python benchmarks/workers.py {' '.join(sys.argv[1:])}`".rstrip(),
              f"- machine: {machine()}; commit {commit()}",
-             f"- work: {args.images:,} JPEGs of 128x128, resize,stats; median of {args.repeat}; outputs in {scratch}",
+             f"- work: {args.images:,} JPEGs of {args.width}x{args.height}, resize,stats; median of {args.repeat}; "
+             f"outputs in {scratch}",
              "", "| layout | seconds | images/s | time / best |", "|---|---:|---:|---:|"]
     for name, secs in results.items():
         lines.append(f"| {name} | {secs:.2f} | {args.images / secs:,.0f} | {secs / best:.2f}x |")
+    if threads:
+        fastest = min(threads.values())
+        lines += ["", "Decode overlapped with compute: loader threads per worker (2 processes x 1 thread):", "",
+                  "| loader threads | seconds | images/s | time / best |", "|---|---:|---:|---:|"]
+        lines += [f"| {name} | {secs:.2f} | {args.images / secs:,.0f} | {secs / fastest:.2f}x |"
+                  for name, secs in threads.items()]
     report = "\n".join(lines)
     print(report)
     if args.save:
         (HERE / "results").mkdir(exist_ok=True)
-        (HERE / "results" / f"{datetime.now(timezone.utc):%Y-%m-%d}-workers.md").write_text(report + "\n")
+        tag = "" if (args.width, args.height) == (128, 128) else f"-{args.width}x{args.height}"
+        (HERE / "results" / f"{datetime.now(timezone.utc):%Y-%m-%d}-workers{tag}.md").write_text(report + "\n")
 
 
 if __name__ == "__main__":
