@@ -14,7 +14,7 @@ def test_readme_performance_tables_are_the_saved_benchmark_results():
     spec.loader.exec_module(module)
     text = (ROOT / "README.md").read_text()
     blocks = list(module.BLOCK.finditer(text))
-    assert {m.group("name") for m in blocks} >= {"engine", "workers", "relight"}
+    assert {m.group("name") for m in blocks} >= {"engine", "engine-640x480", "workers", "workers-640x480", "relight"}
     for match in blocks:
         assert match.group(0) == module.render(match.group("name")), (
             f"README block {match.group('name')!r} differs from the newest saved results: "
