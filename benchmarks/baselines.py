@@ -45,22 +45,13 @@ def decode_only_reduced(path: str) -> int:
     return cv2.imread(path, cv2.IMREAD_REDUCED_COLOR_2).shape[0]
 
 
-def process_one(args: tuple[int, str, str]) -> dict:
-    """Per row: decode, resize to 224x224 (INTER_AREA), stats, np.save the resized array."""
-    i, path, out = args
+def process_one(args: tuple[int, str, str, bool]) -> dict:
+    """Per row: decode, resize to 224x224 (INTER_AREA), stats (NumPy when ``naive``), np.save the resized array."""
+    i, path, out, naive = args
     image = cv2.cvtColor(cv2.imread(path, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
     resized = cv2.resize(image, (224, 224), interpolation=cv2.INTER_AREA)
     np.save(os.path.join(out, f"{i:07d}.npy"), resized)
-    return {"path": path, **stats(image)}
-
-
-def process_one_naive(args: tuple[int, str, str]) -> dict:
-    """The same row with the statistics in NumPy, as hand-written scripts compute them."""
-    i, path, out = args
-    image = cv2.cvtColor(cv2.imread(path, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
-    resized = cv2.resize(image, (224, 224), interpolation=cv2.INTER_AREA)
-    np.save(os.path.join(out, f"{i:07d}.npy"), resized)
-    return {"path": path, **naive_stats(image)}
+    return {"path": path, **(naive_stats(image) if naive else stats(image))}
 
 
 def compute_only(path: str) -> float:
@@ -81,15 +72,14 @@ def pool_run(paths: list[str], out: str, processes: int, naive: bool = False) ->
     os.makedirs(out, exist_ok=True)
     t = time.perf_counter()
     with mp.get_context("spawn").Pool(processes) as pool:
-        rows = pool.map(process_one_naive if naive else process_one, [(i, p, out) for i, p in enumerate(paths)],
-                        chunksize=64)
+        rows = pool.map(process_one, [(i, p, out, naive) for i, p in enumerate(paths)], chunksize=64)
     return time.perf_counter() - t, rows
 
 
 def loop_run(paths: list[str], out: str) -> tuple[float, list[dict]]:
     os.makedirs(out, exist_ok=True)
     t = time.perf_counter()
-    rows = [process_one((i, p, out)) for i, p in enumerate(paths)]
+    rows = [process_one((i, p, out, False)) for i, p in enumerate(paths)]
     return time.perf_counter() - t, rows
 
 

@@ -22,9 +22,9 @@ from typing import Any
 import numpy as np
 
 from daskmv.errors import PipelineError
-from daskmv.ops.base import Op, Output, Param, Row
+from daskmv.ops.base import Output, Param, Row
 from daskmv.ops.registry import register_op
-from daskmv.ops.rows import map_groups, mask_image, rgb_image, seed_for
+from daskmv.ops.rows import MaskedImageOp, map_groups, seed_for
 
 KINDS = ("soft_shading", "hard_shadow", "specular")
 RANGES = {
@@ -37,10 +37,11 @@ RANGES = {
 
 
 @register_op
-class Degrade(Op):
+class Degrade(MaskedImageOp):
     name = "degrade"
     help = "One seeded degradation per row (soft shading, hard shadow or specular) on the foreground only."
     gpu = True
+    image_param = "source"
     params = {
         "kinds": Param(list(KINDS), "degradations to choose from, one per row"),
         "weights": Param(None, "probability of each kind (default: equal)"),
@@ -77,22 +78,8 @@ class Degrade(Op):
             cfg[key] = [float(value[0]), float(value[1])]
         if not isinstance(cfg["seed"], int):
             raise PipelineError(f"op 'degrade': seed must be an integer, not {cfg['seed']!r}")
-        self.device = "cpu"
-
-    def input_names(self) -> tuple[str, ...]:
-        return (self.config["source"], self.config["mask"])
-
-    def row_bytes(self) -> int:
-        return 3 << 20
-
-    def setup(self, device: str) -> None:
-        self.device = device
 
     def process(self, rows: list[Row]) -> list[Row | BaseException]:
-        def read(row: Row) -> tuple[np.ndarray, np.ndarray]:
-            image = rgb_image(row, self.config["source"])
-            return image, mask_image(row, self.config["mask"], image.shape)
-
         def compute(inputs: list[tuple[np.ndarray, np.ndarray]], group: list[Row]) -> list[Row]:
             masks = [m for _, m in inputs]
             params = [draw(row["id"], self.config, m) for row, m in zip(group, masks)]
@@ -108,7 +95,7 @@ class Degrade(Op):
                 out = torch.where(inside > 0, degraded, image)
                 return [{"degraded_fg": d, "degradation": p} for d, p in zip(to_uint8(out), params)]
 
-        return map_groups(rows, read, compute)
+        return map_groups(rows, self.read, compute)
 
 
 # -- drawing the parameters -----------------------------------------------------------------------------

@@ -18,12 +18,12 @@ from typing import Any
 import numpy as np
 
 from daskmv.errors import PipelineError
-from daskmv.ops.base import Op, Output, Param, Row
+from daskmv.ops.base import Output, Param, Row
 from daskmv.ops.registry import register_op
-from daskmv.ops.rows import map_groups, mask_image, rgb_image
+from daskmv.ops.rows import MaskedImageOp, map_groups
 
 @register_op
-class Albedo(Op):
+class Albedo(MaskedImageOp):
     name = "albedo"
     help = "Albedo of the foreground by Multi-Scale Retinex (scales 15/80/250 px), normalised to 0-255."
     gpu = True
@@ -52,22 +52,8 @@ class Albedo(Op):
         cfg["weights"] = [float(w) for w in weights]
         if not 0.0 <= float(cfg["low"]) < float(cfg["high"]) <= 100.0:
             raise PipelineError(f"op 'albedo': need 0 <= low < high <= 100, got {cfg['low']}, {cfg['high']}")
-        self.device = "cpu"
-
-    def input_names(self) -> tuple[str, ...]:
-        return (self.config["image"], self.config["mask"])
-
-    def row_bytes(self) -> int:
-        return 3 << 20
-
-    def setup(self, device: str) -> None:
-        self.device = device
 
     def process(self, rows: list[Row]) -> list[Row | BaseException]:
-        def read(row: Row) -> tuple[np.ndarray, np.ndarray]:
-            image = rgb_image(row, self.config["image"])
-            return image, mask_image(row, self.config["mask"], image.shape)
-
         def compute(inputs: list[tuple[np.ndarray, np.ndarray]], _rows: list[Row]) -> list[Row]:
             import torch
 
@@ -79,4 +65,4 @@ class Albedo(Op):
                 mask = binary(to_tensor([m for _, m in inputs], self.device))
                 return [{"albedo": a} for a in to_uint8(retinex(image, mask, self.config))]
 
-        return map_groups(rows, read, compute)
+        return map_groups(rows, self.read, compute)

@@ -9,11 +9,12 @@ from __future__ import annotations
 import hashlib
 from collections import defaultdict
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
 from daskmv.errors import RowError
+from daskmv.ops.base import Op, Row
 
 #: Most pixels in one tensor batch: 16 Mpx is 192 MB as float32 RGB, so a few intermediates fit anywhere.
 MAX_BATCH_PIXELS = 1 << 24
@@ -91,3 +92,27 @@ def map_groups(rows: Sequence[dict[str, Any]], read: Any, compute: Any) -> list[
         for i, out in zip(indices, outs):
             results[i] = out
     return results
+
+
+class MaskedImageOp(Op):
+    """Base of ops that compute on an RGB image and its person mask, in torch on the worker's device.
+
+    Subclasses name the parameter that holds the image input (``image_param``) and declare a ``mask``
+    parameter; :meth:`read` checks both inputs of a row.
+    """
+
+    image_param: ClassVar[str] = "image"
+    device: str = "cpu"
+
+    def input_names(self) -> tuple[str, ...]:
+        return (self.config[self.image_param], self.config["mask"])
+
+    def row_bytes(self) -> int:
+        return 3 << 20  # unknown image size: budget about 1 Mpx per RGB output
+
+    def setup(self, device: str) -> None:
+        self.device = device
+
+    def read(self, row: Row) -> tuple[np.ndarray, np.ndarray]:
+        image = rgb_image(row, self.config[self.image_param])
+        return image, mask_image(row, self.config["mask"], image.shape)
