@@ -1,7 +1,7 @@
 """What users write by hand, kept lean (OpenCV and NumPy only, as such scripts import).
 
 Two versions of the per-image work of daskmv's ``resize,stats``: ``process_one`` uses the same OpenCV
-primitives as daskmv (the comparison then measures the engine alone), ``process_one_naive`` computes the
+primitives as daskmv (the comparison then measures the engine alone); with ``naive`` it computes the
 statistics the way hand-written scripts usually do, in NumPy (float32 mean/std, a float64 Laplacian):
 the issue's "hand-written Pool".
 """
