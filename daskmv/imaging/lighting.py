@@ -9,8 +9,14 @@ from typing import Any
 import cv2
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from daskmv.imaging.tensors import gaussian_blur
+
+
+#: Smooth light fields are computed on a grid of at most this many pixels a side, then enlarged (bilinear):
+#: the same values for images up to that size, and no full-size passes of exp and pow for large photos.
+FIELD_GRID = 512
 
 
 def apply(image: torch.Tensor, params: dict[str, Any], device: str) -> torch.Tensor:
@@ -18,12 +24,19 @@ def apply(image: torch.Tensor, params: dict[str, Any], device: str) -> torch.Ten
     h, w = image.shape[-2:]
     if params["kind"] == "hard_shadow":
         return image * shadow_field(params, h, w, device)
-    ys = (torch.arange(h, device=device, dtype=image.dtype) + 0.5) / h
-    xs = (torch.arange(w, device=device, dtype=image.dtype) + 0.5) / w
+    step = max(1, math.ceil(max(h, w) / FIELD_GRID))
+    hs, ws = -(-h // step), -(-w // step)
+    ys = (torch.arange(hs, device=device, dtype=image.dtype) + 0.5) / hs
+    xs = (torch.arange(ws, device=device, dtype=image.dtype) + 0.5) / ws
     y, x = torch.meshgrid(ys, xs, indexing="ij")
-    if params["kind"] == "soft_shading":
-        return image * shading_field(params, x, y)
-    return (image + specular_field(params, x, y, h, w)).clamp_(0.0, 1.0)
+    kind = params["kind"]
+    field = (shading_field(params, x, y) if kind == "soft_shading" else specular_field(params, x, y, h, w))[None, None]
+    if (hs, ws) != (h, w):
+        field = F.interpolate(field, size=(h, w), mode="bilinear", align_corners=False)
+    if kind == "soft_shading":
+        return image * field
+    color = torch.tensor(params["color"], device=device, dtype=image.dtype).view(1, 3, 1, 1)
+    return (image + field * color).clamp_(0.0, 1.0)
 
 
 def shading_field(params: dict[str, Any], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -50,7 +63,7 @@ def shadow_field(params: dict[str, Any], h: int, w: int, device: str) -> torch.T
 
 
 def specular_field(params: dict[str, Any], x: torch.Tensor, y: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    """Additive highlights ``[1, 3, H, W]``: rotated elliptical lobes raised to a shininess, in the light colour."""
+    """Highlight intensity: rotated elliptical lobes raised to a shininess (``apply`` tints it by the light)."""
     total = torch.zeros_like(x)
     diag = math.hypot(h, w)
     for lobe in params["lobes"]:
@@ -59,5 +72,4 @@ def specular_field(params: dict[str, Any], x: torch.Tensor, y: torch.Tensor, h: 
         u, v = dx * c + dy * s, (-dx * s + dy * c) / lobe["aspect"]
         lobe_field = torch.exp(-(u * u + v * v) / (2.0 * lobe["size"] ** 2))
         total = total + lobe["intensity"] * lobe_field ** lobe["shininess"]
-    color = torch.tensor(params["color"], device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-    return total[None, None] * color
+    return total
