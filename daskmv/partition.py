@@ -40,6 +40,9 @@ from daskmv.ops.image import load_inputs
 from daskmv.store import Store, now, partition_name
 
 PLUGIN_NAME = "daskmv-ops"
+#: A micro-batch ends at ``batch_size`` rows or once its loaded inputs (decoded images, file bytes) reach
+#: this many bytes: 32 rows of 12-megapixel photos, and every output the ops make of them, would not fit.
+BATCH_BYTES = 256 << 20
 
 
 @dataclass
@@ -368,17 +371,27 @@ def _loaded_batches(
             yield [(i, {}, 0.0) for i in range(start, min(start + size, len(records)))]
         return
     if task.decode_threads <= 0:  # load on this thread: no overlap, no thread switching
-        for start in range(0, len(records), size):
-            stop = min(start + size, len(records))
-            yield [(i, *_load_row(_row_url(records[i], task), wanted, task.decode_scale)) for i in range(start, stop)]
+        batch, held = [], 0
+        for i in range(len(records)):
+            batch.append((i, *_load_row(_row_url(records[i], task), wanted, task.decode_scale)))
+            held += _loaded_bytes(batch[-1][1])
+            if len(batch) >= size or held >= BATCH_BYTES:
+                yield batch
+                batch, held = [], 0
+        if batch:
+            yield batch
         return
     pool = _pool(task.decode_threads)
     ahead = size + max(size, 2 * task.decode_threads)
     pending: deque[tuple[int, Any]] = deque()
     todo = iter(range(len(records)))
+    seen = [0, 0]  # rows loaded, their bytes: large images shorten the read-ahead to about two batches
 
     def fill() -> None:
-        while len(pending) < ahead:
+        limit = ahead
+        if seen[0]:
+            limit = min(ahead, max(2 * task.decode_threads, 2 * BATCH_BYTES * seen[0] // max(1, seen[1])))
+        while len(pending) < limit:
             i = next(todo, None)
             if i is None:
                 return
@@ -386,12 +399,22 @@ def _loaded_batches(
 
     fill()
     while pending:
-        batch = []
-        while pending and len(batch) < size:
+        batch, held = [], 0
+        while pending and len(batch) < size and held < BATCH_BYTES:
             i, future = pending.popleft()
             batch.append((i, *future.result()))
+            nbytes = _loaded_bytes(batch[-1][1])
+            held += nbytes
+            seen[0] += 1
+            seen[1] += nbytes
             fill()
         yield batch
+
+
+def _loaded_bytes(loaded: Row | BaseException) -> int:
+    if isinstance(loaded, BaseException):
+        return 0
+    return sum(getattr(v, "nbytes", None) or (len(v) if isinstance(v, bytes) else 0) for v in loaded.values())
 
 
 def _row_url(record: Row, task: PartitionTask) -> str:

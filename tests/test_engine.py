@@ -331,3 +331,30 @@ def test_reduced_decoding_is_an_explicit_run_option(dataset, client, tmp_path, r
     with pytest.raises(UsageError, match="decode-scale"):
         daskmv.run(str(dataset / "manifest.csv"), "resize", str(tmp_path / "x"), client=client, decode_scale=3,
                    **run_opts)
+
+
+@pytest.mark.parametrize("threads", [0, 2])
+def test_micro_batches_of_large_images_stop_at_a_byte_budget(tmp_path, monkeypatch, threads):
+    """32 rows of 12-megapixel photos would not fit in memory: a micro-batch also ends at BATCH_BYTES."""
+    import daskmv.partition as partition
+    from daskmv.engine import rows_hash
+    from daskmv.manifest import read_manifest
+    from daskmv.pipeline import Pipeline
+
+    monkeypatch.setattr(partition, "BATCH_BYTES", 20 << 20)
+    image = np.random.default_rng(0).integers(0, 255, (1500, 2000, 3), dtype=np.uint8)  # 9 MB decoded
+    small = np.zeros((16, 16, 3), np.uint8)
+    paths = []
+    for k in range(10):
+        cv2.imwrite(str(tmp_path / f"{k}.png"), image if k < 7 else small)
+        paths.append(f"{k}.png")
+    pd.DataFrame({"path": paths}).to_csv(tmp_path / "m.csv", index=False)
+    pipeline = Pipeline.parse("testops:BatchRows")
+    manifest = read_manifest(str(tmp_path / "m.csv"))
+    rows = next(manifest.partitions(10))
+    task = partition.PartitionTask(index=0, rows=rows, rows_hash=rows_hash(rows), fingerprint=pipeline.fingerprint,
+                                   steps=pipeline.steps(), root=str(tmp_path / "out"), base=manifest.base,
+                                   decode_threads=threads)
+    partition.run_partition(task)
+    batches = pd.read_parquet(tmp_path / "out" / "parts" / "p000000.parquet")["batch_rows"].tolist()
+    assert batches == [3] * 6 + [4] * 4  # 3 x 9 MB >= 20 MB ends a batch; the last large row and the small ones

@@ -152,3 +152,14 @@ class Heatmap(Op):
 
     def gallery(self, row):
         return [("heatmap", np.kron(row["scores"], np.ones((16, 16), np.float32)))]
+
+
+class BatchRows(Op):
+    """Records how many rows each call of ``process`` got (the engine's micro-batch)."""
+
+    name = "testops:BatchRows"
+    inputs = ("image",)
+    outputs = (Output("batch_rows", "column", "int64"),)
+
+    def process(self, rows):
+        return [{"batch_rows": len(rows)} for _ in rows]
