@@ -2,7 +2,8 @@
 
 Same-shaped values become a *stacked* array ``[rows, ...]`` whose rows are grouped into inner chunks of
 about :data:`INNER_CHUNK_BYTES` inside a single shard. Values of different shapes become a *ragged*
-group: a flat ``data`` array with ``offsets`` and ``shapes``.
+group: a flat ``data`` array with ``offsets`` and ``shapes`` (streamed too, so photos of mixed sizes
+never make a worker hold a whole partition's outputs).
 
 Uncompressed stacked arrays are the hot path of every image pipeline, so their shard is written
 directly, and on a local root streamed while the partition runs (:class:`ShardStream`): Zarr writes the
@@ -67,20 +68,24 @@ class PartitionArray:
     file one inner chunk at a time as rows become final (:meth:`flush`), written on a background
     thread: writes overlap compute and memory holds only the chunks of the current batch. Without one,
     same-shaped values are copied into one ``[rows, ...]`` buffer written at the end. A value of
-    another shape switches to a list, written ragged.
+    another shape switches to the ragged layout: streamed (:class:`RaggedStream`) with a sink, else a
+    list written at the end.
     """
 
     def __init__(self, n: int, sink: Sink | None = None) -> None:
         self.n = n
         self.sink = sink
         self.stream: ShardStream | None = None
+        self.ragged: RaggedStream | None = None
         self.buffer: np.ndarray | None = None
         self.rows_per_chunk = 1
         self.present = np.zeros(n, dtype=bool)
         self.values: list[np.ndarray | None] | None = None
 
     def set(self, i: int, value: np.ndarray) -> None:
-        if self.values is not None:
+        if self.ragged is not None:
+            self.ragged.put(i, value)
+        elif self.values is not None:
             self.values[i] = value
         elif self.stream is None and self.buffer is None:
             self.rows_per_chunk, shard_rows = chunk_layout(self.n, value.nbytes)
@@ -96,9 +101,20 @@ class PartitionArray:
             else:
                 self.buffer[i] = value  # type: ignore[index]
         else:
-            self.values = self._all_values()
-            self.values[i] = value
+            self._go_ragged(i, value)
         self.present[i] = True
+
+    def _go_ragged(self, i: int, value: np.ndarray) -> None:
+        """A value of another shape: stream ragged from here on (or gather a list without a sink)."""
+        values = self._all_values()
+        values[i] = value
+        if self.sink is None:
+            self.values = values
+            return
+        self.ragged = RaggedStream(self.sink, self.n, value.dtype)
+        for j, v in enumerate(values):
+            if v is not None:
+                self.ragged.put(j, v)
 
     def _layout(self) -> tuple[tuple[int, ...], np.dtype]:
         if self.stream is not None:
@@ -121,7 +137,9 @@ class PartitionArray:
         if not self.present[i]:
             return
         self.present[i] = False
-        if self.values is not None:
+        if self.ragged is not None:
+            self.ragged.put(i, None)
+        elif self.values is not None:
             self.values[i] = None
         elif self.stream is not None:
             self.stream.put(i, None)
@@ -130,6 +148,14 @@ class PartitionArray:
         """Rows below ``final_rows`` will not change again: stream out the chunks they complete."""
         if self.stream is not None:
             self.stream.flush(final_rows)
+        elif self.ragged is not None:
+            self.ragged.flush(final_rows)
+
+    def discard(self) -> None:
+        """Close any stream without finishing it (the partition failed; it is rewritten on retry)."""
+        for stream in (self.stream, self.ragged):
+            if stream is not None:
+                stream.discard()
 
     def __bool__(self) -> bool:
         return bool(self.present.any())
@@ -212,6 +238,71 @@ class ShardStream:
         return rows[: self.n]
 
 
+class RaggedStream:
+    """Values of mixed shapes streamed into the ragged layout: a flat ``data`` array (uncompressed, one
+    shard), then ``offsets`` and ``shapes``.
+
+    The flat data is every present row's values in row order, so a row's bytes are written as soon as it
+    is final; the last inner chunk is padded with zeros and the shard index follows, as Zarr writes them.
+    The group, the small arrays and the data array's metadata are written by Zarr at :meth:`finish`; the
+    tests check the files equal :func:`write_ragged`'s.
+    """
+
+    def __init__(self, sink: Sink, n: int, dtype: np.dtype) -> None:
+        self.sink, self.n, self.dtype = sink, n, np.dtype(dtype)
+        self.chunk = max(1, INNER_CHUNK_BYTES // self.dtype.itemsize)
+        self.key = posixpath.join(sink.url, "data", "c", "0")
+        sink.fs.makedirs(posixpath.dirname(self.key), exist_ok=True)
+        self.fh = sink.fs.open(self.key, "wb")
+        self.pending: dict[int, np.ndarray | None] = {}
+        self.shapes: list[tuple[int, ...] | None] = [None] * n
+        self.sizes = np.zeros(n, dtype=np.int64)
+        self.next_row = 0
+        self.written = 0  # elements
+        self.writes: list[Future[Any]] = []
+
+    def put(self, i: int, value: np.ndarray | None) -> None:
+        if i < self.next_row:
+            raise RuntimeError(f"row {i} changed after it was written")
+        self.pending[i] = value
+
+    def flush(self, final_rows: int) -> None:
+        while self.next_row < min(final_rows, self.n):
+            value = self.pending.pop(self.next_row, None)
+            if value is not None:
+                flat = np.ascontiguousarray(value, dtype=self.dtype).ravel()
+                self.shapes[self.next_row], self.sizes[self.next_row] = value.shape, flat.size
+                self.writes.append(_WRITER.submit(self.fh.write, _le_bytes(flat)))
+                self.written += flat.size
+            self.next_row += 1
+
+    def finish(self) -> None:
+        """Pad and index the data shard, close it, then write the group's metadata and small arrays."""
+        self.flush(self.n)
+        n_chunks = max(1, -(-self.written // self.chunk))
+        padding = n_chunks * self.chunk - self.written
+        chunk_bytes = self.chunk * self.dtype.itemsize
+        self.writes.append(_WRITER.submit(self.fh.write, bytes(padding * self.dtype.itemsize)))
+        self.writes.append(_WRITER.submit(self.fh.write, _shard_index(n_chunks, 1, chunk_bytes)))
+        try:
+            for future in self.writes:
+                future.result()
+        finally:
+            self.fh.close()
+        ndim = max(len(s) for s in self.shapes if s is not None)
+        shapes = np.full((self.n, ndim), -1, dtype=np.int64)
+        for i, shape in enumerate(self.shapes):
+            if shape is not None:
+                shapes[i, : len(shape)] = shape
+        offsets = np.concatenate([[0], np.cumsum(self.sizes)]).astype(np.int64)
+        _ragged_group(self.sink.url, self.sink.options, self.written, self.dtype, None, offsets, shapes)
+
+    def discard(self) -> None:
+        for future in self.writes:
+            future.exception()
+        self.fh.close()
+
+
 #: One background writer per process: chunk writes of every stream, in submission order.
 _WRITER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="daskmv-write")
 
@@ -236,6 +327,9 @@ def write_partition_array(url: str, array: PartitionArray, options: dict[str, An
     """Write a partition's values: finish its stream, or write its buffer, or ragged when shapes differed."""
     if array.stream is not None:
         array.stream.finish()
+        return
+    if array.ragged is not None:
+        array.ragged.finish()
         return
     if array.values is not None:
         present = [v for v in array.values if v is not None]
@@ -302,12 +396,20 @@ def write_ragged(url: str, values: list[np.ndarray | None], dtype: np.dtype, opt
             size = v.size
         offsets[i + 1] = offsets[i] + size
     data = np.concatenate(flat) if flat else np.zeros(0, dtype=dtype)
-    group = zarr.open_group(url, mode="w", storage_options=options)
+    _ragged_group(url, options, data.size, data.dtype, data, offsets, shapes, compression)
+
+
+def _ragged_group(url: str, options: dict[str, Any] | None, size: int, dtype: np.dtype, data: np.ndarray | None,
+                  offsets: np.ndarray, shapes: np.ndarray, compression: str | None = None) -> None:
+    """The ragged group's metadata and small arrays, and ``data`` (when given; a stream wrote it already)."""
+    group = zarr.open_group(url, mode="a" if data is None else "w", storage_options=options)
     group.attrs["daskmv"] = {"layout": "ragged"}
-    chunk = max(1, INNER_CHUNK_BYTES // max(1, data.dtype.itemsize))
-    shard = max(chunk, -(-max(1, data.size) // chunk) * chunk)
-    group.create_array("data", shape=data.shape, dtype=data.dtype, chunks=(chunk,), shards=(shard,),
-                       compressors=compressors(compression), config=WRITE_CONFIG)[...] = data
+    chunk = max(1, INNER_CHUNK_BYTES // max(1, dtype.itemsize))
+    shard = max(chunk, -(-max(1, size) // chunk) * chunk)
+    array = group.create_array("data", shape=(size,), dtype=dtype, chunks=(chunk,), shards=(shard,),
+                               compressors=compressors(compression), config=WRITE_CONFIG)
+    if data is not None:
+        array[...] = data
     group.create_array("offsets", data=offsets, config=WRITE_CONFIG)
     group.create_array("shapes", data=shapes, config=WRITE_CONFIG)
 

@@ -274,8 +274,7 @@ class RowResults:
     def discard(self) -> None:
         """Close any array streams of a partition that failed (its files are rewritten on retry)."""
         for array in self.arrays.values():
-            if array.stream is not None:
-                array.stream.discard()
+            array.discard()
 
     def fail(self, i: int, message: str) -> None:
         """Row ``i`` is an error: no value of any output is kept for it."""

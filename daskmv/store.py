@@ -306,7 +306,10 @@ class Store:
         shard (one file, one row readable alone). Values of different shapes are stored ragged: a
         flat ``data`` array with ``offsets`` and ``shapes``.
         """
-        if array.stream is None and not array:
+        if not array:
+            array.discard()
+            if array.stream is not None or array.ragged is not None:
+                self.remove(f"{ZARR}/{output}/{partition_name(index, generation)}")
             return [None] * array.n
         url = self.url(ZARR, output, partition_name(index, generation))
         write_partition_array(url, array, self._zarr_options(), compression, fs=self.fs if self.local else None)
