@@ -197,7 +197,7 @@ def main() -> None:
     warm_cache(paths)
     n, w = len(paths), args.workers
     extra = {"partition_rows": args.partition_rows} if args.partition_rows else {}
-    from distributed import Client, LocalCluster
+    from distributed import Client
 
     from daskmv.cluster import local_cluster
 

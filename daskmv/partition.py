@@ -32,7 +32,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from distributed.diagnostics.plugin import WorkerPlugin
 
-from daskmv.arrays import PartitionArray
+from daskmv.arrays import PartitionArray, Sink
 from daskmv.errors import RowError
 from daskmv.paths import resolve_path
 from daskmv.ops.base import Op, Output, Row, is_out_of_memory

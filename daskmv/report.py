@@ -17,7 +17,6 @@ import datetime as dt
 import html
 import io
 import re
-from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 

@@ -13,7 +13,6 @@ linearly to 0-255 and is clipped; the background is 0. An image whose Retinex re
 
 from __future__ import annotations
 
-from typing import Any
 
 import numpy as np
 

@@ -74,8 +74,6 @@ def hex_color(text: str) -> tuple[float, float, float]:
 
 def seed_for(row_id: Any, seed: int) -> int:
     """A 64-bit seed from a row id and a pipeline seed: the same row draws the same numbers on any run."""
-    import hashlib
-
     return int.from_bytes(hashlib.sha256(f"{seed}:{row_id}".encode()).digest()[:8], "little")
 
 

@@ -63,6 +63,12 @@ class Segment(Op):
                                      "(no person found)"),
     }
 
+    outputs = (
+        Output("mask", "array", "uint8", "person mask [H, W], 0-255 (255 = person)", compression="zstd"),
+        Output("foreground", "array", "uint8", "the image where mask >= 128, black elsewhere [H, W, 3]"),
+        Output("mask_coverage", "column", "float64", "fraction of the frame inside the mask (mask >= 128)"),
+    )
+
     def check_params(self) -> None:
         cfg = self.config
         backend = cfg["backend"]
@@ -94,12 +100,6 @@ class Segment(Op):
         if self.backend == "column":
             return (self.config["image"], self.config["mask_column"], "manifest_base")
         return (self.config["image"],)
-
-    outputs = (
-        Output("mask", "array", "uint8", "person mask [H, W], 0-255 (255 = person)", compression="zstd"),
-        Output("foreground", "array", "uint8", "the image where mask >= 128, black elsewhere [H, W, 3]"),
-        Output("mask_coverage", "column", "float64", "fraction of the frame inside the mask (mask >= 128)"),
-    )
 
     def row_bytes(self) -> int:
         return 3 << 20  # unknown image size: budget about 1 Mpx (foreground 3 MB; the mask compresses)
