@@ -7,16 +7,19 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from daskmv.imaging.tensors import SHIFT_SIGMA, blur_shrunk, gaussian_blur
+from daskmv.imaging.tensors import SHIFT_SIGMA, blur_on_grid, gaussian_blur, shrink_for
 
 #: Above this many foreground values, percentiles are taken from an even subsample (within 0.1%).
 PERCENTILE_SAMPLE = 1 << 21
 
 
-def retinex(image: torch.Tensor, mask: torch.Tensor, cfg: dict[str, Any]) -> torch.Tensor:
-    """Albedo in [0, 1] of a batch ``[N, 3, H, W]`` (floats in [0, 1]) under binary masks ``[N, 1, H, W]``."""
-    intensity = image * 255.0 + 1.0
-    response = torch.log(intensity).mul_(sum(cfg["weights"]))
+def retinex(intensity: torch.Tensor, mask: torch.Tensor, cfg: dict[str, Any]) -> torch.Tensor:
+    """Albedo in [0, 1] of a batch ``[N, 3, H, W]`` of intensities (pixel values 0-255 plus one, the log's
+    domain) under binary masks ``[N, 1, H, W]``."""
+    response = torch.log(intensity)
+    total_weight = sum(cfg["weights"])
+    if abs(total_weight - 1.0) > 1e-12:
+        response.mul_(total_weight)
     response -= log_surround(torch.cat([intensity * mask, mask], dim=1), cfg["scales"], cfg["weights"])
     if cfg["color_restoration"]:
         total = intensity.sum(dim=1, keepdim=True)
@@ -27,21 +30,27 @@ def retinex(image: torch.Tensor, mask: torch.Tensor, cfg: dict[str, Any]) -> tor
 def log_surround(weighted: torch.Tensor, scales: list[float], weights: list[float]) -> torch.Tensor:
     """``sum_s weight_s * log(masked Gaussian surround_s)`` at full size, from ``[I * mask, mask]``.
 
-    The surrounds are smooth, so each is taken on its own coarse grid (see :func:`blur_shrunk`); their
-    weighted logs are summed on the finest of those grids and enlarged to full size once.
+    The surrounds are smooth, so each is taken on its own coarse grid, each grid area-averaged from the
+    previous, finer one (see :func:`blur_on_grid`); their weighted logs are summed on the finest of those
+    grids and enlarged to full size once.
     """
-    h, w = weighted.shape[-2:]
+    full = (weighted.shape[-2], weighted.shape[-1])
+    level = weighted
     total: torch.Tensor | None = None
     for sigma, weight in sorted(zip(scales, weights)):
-        blurred = gaussian_blur(weighted, sigma) if sigma <= SHIFT_SIGMA else blur_shrunk(weighted, sigma)
+        if sigma <= SHIFT_SIGMA:
+            blurred = gaussian_blur(weighted, sigma)
+        else:
+            level = shrink_for(level, sigma, full)
+            blurred = blur_on_grid(level, sigma, full)
         term = torch.log((blurred[:, :-1] / blurred[:, -1:].clamp_min(1e-12)).clamp_min_(1.0)).mul_(weight)
         if total is None:
             total = term
         else:
             total += F.interpolate(term, size=total.shape[-2:], mode="bilinear", align_corners=False)
     assert total is not None
-    if total.shape[-2:] != (h, w):
-        total = F.interpolate(total, size=(h, w), mode="bilinear", align_corners=False)
+    if total.shape[-2:] != full:
+        total = F.interpolate(total, size=full, mode="bilinear", align_corners=False)
     return total
 
 

@@ -22,12 +22,14 @@ def binary(mask: torch.Tensor) -> torch.Tensor:
     return (mask >= 0.5).to(mask.dtype)
 
 
-def to_tensor(images: Sequence[np.ndarray], device: str) -> torch.Tensor:
-    """``[N, C, H, W]`` float32 in [0, 1] from uint8 ``[H, W, C]`` or ``[H, W]`` arrays of one size."""
+def to_tensor(images: Sequence[np.ndarray], device: str, scale: float = 1.0 / 255.0) -> torch.Tensor:
+    """``[N, C, H, W]`` float32 (uint8 values times ``scale``: [0, 1] by default) from uint8 ``[H, W, C]`` or
+    ``[H, W]`` arrays of one size."""
     batch = torch.from_numpy(np.stack(images)).to(device)
     if batch.ndim == 3:
         batch = batch.unsqueeze(-1)
-    return batch.permute(0, 3, 1, 2).to(torch.float32, memory_format=torch.contiguous_format).div_(255.0)
+    out = batch.permute(0, 3, 1, 2).to(torch.float32, memory_format=torch.contiguous_format)
+    return out if scale == 1.0 else out.mul_(scale)
 
 
 def to_uint8(batch: torch.Tensor) -> list[np.ndarray]:
@@ -57,13 +59,23 @@ def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
 
 def blur_shrunk(x: torch.Tensor, sigma: float) -> torch.Tensor:
     """The Gaussian blur of ``x`` (sigma > 3) on a grid ``sigma // 3`` times coarser: smooth enough that
-    bilinear enlargement restores it. Area-averages ``x`` down first, unless it is already that coarse."""
-    h, w = x.shape[-2:]
+    bilinear enlargement restores it."""
+    full = (x.shape[-2], x.shape[-1])
+    return blur_on_grid(shrink_for(x, sigma, full), sigma, full)
+
+
+def shrink_for(x: torch.Tensor, sigma: float, full: tuple[int, int]) -> torch.Tensor:
+    """``x`` (full size, or already coarser) area-averaged down to the grid a blur of ``sigma`` runs on."""
     factor = max(2, int(sigma // SHIFT_SIGMA))
-    hs, ws = max(1, math.ceil(h / factor)), max(1, math.ceil(w / factor))
-    small = F.interpolate(x, size=(hs, ws), mode="area")
-    # sigma in shrunk pixels, less what the area average and the bilinear enlargement already blur (1/4 px^2)
-    sy, sx = (math.sqrt(max((sigma * n / full) ** 2 - 0.25, 0.01)) for n, full in ((hs, h), (ws, w)))
+    size = (max(1, math.ceil(full[0] / factor)), max(1, math.ceil(full[1] / factor)))
+    return x if tuple(x.shape[-2:]) == size else F.interpolate(x, size=size, mode="area")
+
+
+def blur_on_grid(small: torch.Tensor, sigma: float, full: tuple[int, int]) -> torch.Tensor:
+    """Blur a shrunk image by ``sigma`` full-size pixels, less what the area average and the bilinear
+    enlargement already blur (1/4 px^2 on the coarse grid)."""
+    hs, ws = small.shape[-2:]
+    sy, sx = (math.sqrt(max((sigma * n / f) ** 2 - 0.25, 0.01)) for n, f in ((hs, full[0]), (ws, full[1])))
     return exact_blur(small, sy, sx)
 
 

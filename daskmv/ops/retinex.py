@@ -60,8 +60,8 @@ class Albedo(MaskedImageOp):
             from daskmv.imaging.tensors import binary, to_tensor, to_uint8
 
             with torch.inference_mode():
-                image = to_tensor([i for i, _ in inputs], self.device)
+                intensity = to_tensor([i for i, _ in inputs], self.device, scale=1.0).add_(1.0)
                 mask = binary(to_tensor([m for _, m in inputs], self.device))
-                return [{"albedo": a} for a in to_uint8(retinex(image, mask, self.config))]
+                return [{"albedo": a} for a in to_uint8(retinex(intensity, mask, self.config))]
 
         return map_groups(rows, self.read, compute)
