@@ -462,3 +462,19 @@ def test_preview_draws_a_contact_sheet_of_every_stage(people_run, tmp_path):
             assert tile.std() > 10, (r, labels[c])  # every stage drew a real picture, not the backdrop
     missing = CliRunner().invoke(app, ["preview", str(tmp_path / "nowhere")])
     assert missing.exit_code == 2 and "not a daskmv output root" in missing.output
+
+
+def test_default_segmenter_is_safe_from_several_threads():
+    """Workers may run several task threads: each thread gets its own interpreter, same masks."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from daskmv.ops.segment import SelfieSegmenter
+
+    image, _ = decode_image((shared_data("people") / "astronaut_eileen_collins_nasa.png").read_bytes())
+    images = [np.ascontiguousarray(np.roll(image, 8 * k, axis=1)) for k in range(8)]
+    segmenter = SelfieSegmenter("auto")
+    alone = [segmenter.one(im) for im in images]
+    with ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(segmenter.one, images * 3))
+    for k, mask in enumerate(together):
+        np.testing.assert_array_equal(mask, alone[k % 8])

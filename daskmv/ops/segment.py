@@ -206,19 +206,26 @@ class SelfieSegmenter:
     landscape frames), person probability out, resized back to the image (bilinear)."""
 
     def __init__(self, variant: str) -> None:
-        from ai_edge_litert.interpreter import Interpreter
-
-        from daskmv.models import selfie_model
-
         self.variant = variant
-        self.lock = threading.Lock()  # one interpreter is not safe to share between threads
-        self.interpreters = {}
-        with _quiet_stderr():  # LiteRT prints an INFO line about its CPU delegate from C++
-            for landscape in (False, True):
-                it = Interpreter(model_path=str(selfie_model(landscape)), num_threads=1)
-                it.allocate_tensors()
-                it.invoke()
-                self.interpreters[landscape] = it
+        self.local = threading.local()  # an interpreter is not safe to share: one per thread
+        self._interpreters()  # load now, in setup, so a missing or broken model fails there
+
+    def _interpreters(self) -> dict[bool, Any]:
+        found = getattr(self.local, "interpreters", None)
+        if found is None:
+            from ai_edge_litert.interpreter import Interpreter
+
+            from daskmv.models import selfie_model
+
+            found = {}
+            with _quiet_stderr():  # LiteRT prints an INFO line about its CPU delegate from C++
+                for landscape in (False, True):
+                    it = Interpreter(model_path=str(selfie_model(landscape)), num_threads=1)
+                    it.allocate_tensors()
+                    it.invoke()
+                    found[landscape] = it
+            self.local.interpreters = found
+        return found
 
     def _landscape(self, image: np.ndarray) -> bool:
         if self.variant != "auto":
@@ -230,14 +237,13 @@ class SelfieSegmenter:
         return [self.one(image) for image in images]
 
     def one(self, image: np.ndarray) -> np.ndarray:
-        it = self.interpreters[self._landscape(image)]
+        it = self._interpreters()[self._landscape(image)]
         inp, out = it.get_input_details()[0], it.get_output_details()[0]
         _, th, tw, _ = inp["shape"]
         small = cv2.resize(image, (int(tw), int(th)), interpolation=cv2.INTER_AREA)
-        with self.lock:
-            it.set_tensor(inp["index"], (small.astype(np.float32) / 255.0)[None])
-            it.invoke()
-            prob = it.get_tensor(out["index"])[0, :, :, 0].copy()
+        it.set_tensor(inp["index"], (small.astype(np.float32) / 255.0)[None])
+        it.invoke()
+        prob = it.get_tensor(out["index"])[0, :, :, 0].copy()
         h, w = image.shape[:2]
         return cv2.resize(prob, (w, h), interpolation=cv2.INTER_LINEAR)
 
