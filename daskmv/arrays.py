@@ -191,8 +191,9 @@ class ShardStream:
         if c < self.next_chunk:
             raise RuntimeError(f"row {i} changed after its chunk was written")
         chunk = self.chunks.get(c)
-        if chunk is None:
-            chunk = self.chunks[c] = np.zeros((self.k, *self.row_shape), dtype=self.dtype)
+        if chunk is None:  # a one-row chunk is filled whole below: no need to zero it first
+            alloc = np.empty if self.k == 1 else np.zeros
+            chunk = self.chunks[c] = alloc((self.k, *self.row_shape), dtype=self.dtype)
         chunk[i - c * self.k] = 0 if value is None else value
 
     def flush(self, final_rows: int) -> None:
