@@ -478,3 +478,24 @@ def test_default_segmenter_is_safe_from_several_threads():
         together = list(pool.map(segmenter.one, images * 3))
     for k, mask in enumerate(together):
         np.testing.assert_array_equal(mask, alone[k % 8])
+
+
+def test_exported_file_names_stay_inside_the_root_and_never_collide(tmp_path):
+    from daskmv.export import export_row, file_stem
+    from daskmv.ops.base import Output
+    from daskmv.store import Store
+
+    hostile = ["../../etc/passwd", "a/b", "a_b", "/abs/path", "..", "", "ok-id_1.2", "x" * 500, "naïve café"]
+    stems = [file_stem(i) for i in hostile]
+    assert len(set(stems)) == len(hostile)
+    assert all("/" not in s and not s.startswith(".") and 0 < len(s) <= 129 for s in stems)
+    assert file_stem("ok-id_1.2") == "ok-id_1.2"  # safe ids keep their name
+    store = Store(str(tmp_path / "root"))
+    specs = [Output("output_image", "array", "uint8", export_as="output"), Output("note", "column", "string")]
+    for row_id in hostile:
+        paths = export_row(store, 3, {"id": row_id, "output_image": np.zeros((8, 8, 3), np.uint8), "note": "n"},
+                           specs)
+        assert (tmp_path / "root" / paths["output_image"]).is_file()
+    written = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert written and all(p.is_relative_to(tmp_path / "root" / "png" / "p000003") for p in written)
+    assert len(written) == 2 * len(hostile)
