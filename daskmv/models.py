@@ -12,6 +12,7 @@ Models live in ``$DASKMV_MODEL_DIR`` or else ``~/.cache/daskmv/models``.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 import sys
@@ -25,6 +26,11 @@ SELFIE_FILES = {
     "mediapipe/modules/selfie_segmentation/selfie_segmentation_landscape.tflite":
         "selfie_segmentation_landscape.tflite",
     "mediapipe-0.10.21.dist-info/LICENSE": "LICENSE-mediapipe.txt",
+}
+#: The model files' SHA-256: a changed or corrupted download is refused, never used.
+SHA256 = {
+    "selfie_segmentation.tflite": "9ee168ec7c8f2a16c56fe8e1cfbc514974cbbb7e434051b455635f1bd1462f5c",
+    "selfie_segmentation_landscape.tflite": "a77d03f4659b9f6b6c1f5106947bf40e99d7655094b6527f214ea7d451106edd",
 }
 
 
@@ -54,8 +60,14 @@ def fetch(dest: Path | None = None) -> Path:
                        check=True)
         wheel = next(Path(tmp).glob("mediapipe-*.whl"))
         with zipfile.ZipFile(wheel) as zf:
-            for member, name in SELFIE_FILES.items():
-                (dest / name).write_bytes(zf.read(member))
+            files = {name: zf.read(member) for member, name in SELFIE_FILES.items()}
+    for name, digest in SHA256.items():
+        got = hashlib.sha256(files[name]).hexdigest()
+        if got != digest:
+            raise RuntimeError(f"{name} from {MEDIAPIPE_WHEEL} has SHA-256 {got}, expected {digest}: not installed")
+    for name, data in files.items():  # write, then rename: an interrupted fetch leaves no half file
+        (dest / f"{name}.tmp").write_bytes(data)
+        os.replace(dest / f"{name}.tmp", dest / name)
     (dest / "README.txt").write_text(
         "selfie_segmentation*.tflite: MediaPipe Selfie Segmentation (Google), Apache License 2.0, see\n"
         f"LICENSE-mediapipe.txt. Extracted from the {MEDIAPIPE_WHEEL} wheel on PyPI by daskmv.models.fetch.\n")
