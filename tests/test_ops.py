@@ -122,6 +122,22 @@ def test_stats_match_the_float64_reference(shape):
         assert fast[key] == pytest.approx(ref[key], rel=1e-5, abs=1e-3), key
 
 
+@pytest.mark.parametrize("kind", ["gray", "rgba", "16bit", "gray16"])
+def test_stats_match_the_reference_on_decoded_gray_rgba_and_16bit_files(kind):
+    """What the loader hands the ops from awkward files (odd sizes), against the float64 reference."""
+    rng = np.random.default_rng(5)
+    base = cv2.GaussianBlur(rng.integers(0, 256, (61, 83, 3), dtype=np.uint8), (0, 0), 1.5)
+    raw = {"gray": cv2.cvtColor(base, cv2.COLOR_BGR2GRAY),
+           "rgba": np.dstack([base, np.full(base.shape[:2], 77, np.uint8)]),
+           "16bit": base.astype(np.uint16) * 257 + 100,
+           "gray16": cv2.cvtColor(base, cv2.COLOR_BGR2GRAY).astype(np.uint16) * 250}[kind]
+    image, info = decode_image(_encoded(raw, ".png"))
+    assert image.shape == (61, 83, 3) and info["channels"] == (1 if raw.ndim == 2 else raw.shape[2])
+    fast, ref = image_stats(image), stats_reference(image)
+    for key in fast:
+        assert fast[key] == pytest.approx(ref[key], rel=1e-5, abs=1e-3), key
+
+
 def test_stats_on_flat_and_edge_images():
     flat = np.full((16, 16, 3), (10, 20, 30), np.uint8)
     s = image_stats(flat)
