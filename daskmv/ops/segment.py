@@ -156,9 +156,13 @@ class Segment(Op):
 
 @contextlib.contextmanager
 def _quiet_stderr() -> Iterator[None]:
-    """Silence file descriptor 2 (C++ logging included) for a moment."""
-    sys.stderr.flush()
-    saved = os.dup(2)
+    """Silence file descriptor 2 (C++ logging included) for a moment; nothing to do where it is closed."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError, AttributeError):
+        yield
+        return
     devnull = os.open(os.devnull, os.O_WRONLY)
     try:
         os.dup2(devnull, 2)
