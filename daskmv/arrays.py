@@ -54,11 +54,12 @@ def chunk_layout(n: int, row_nbytes: int) -> tuple[int, int]:
 
 @dataclass(frozen=True)
 class Sink:
-    """Where a partition array may be streamed as it is made: an uncompressed array on ``fs``."""
+    """Where a partition array may be streamed as it is made: an array on ``fs``, raw or zstd-compressed."""
 
     fs: fsspec.AbstractFileSystem
     url: str
     options: dict[str, Any] | None = None
+    compression: str | None = None
 
 
 class PartitionArray:
@@ -90,7 +91,8 @@ class PartitionArray:
         elif self.stream is None and self.buffer is None:
             self.rows_per_chunk, shard_rows = chunk_layout(self.n, value.nbytes)
             if self.sink is not None:
-                self.stream = ShardStream(self.sink, self.n, value.shape, value.dtype, self.rows_per_chunk)
+                self.stream = ShardStream(self.sink, self.n, value.shape, value.dtype, self.rows_per_chunk,
+                                          self.sink.compression)
                 self.stream.put(i, value)
             else:
                 self.buffer = np.empty((shard_rows, *value.shape), dtype=value.dtype)
@@ -108,7 +110,7 @@ class PartitionArray:
         """A value of another shape: stream ragged from here on (or gather a list without a sink)."""
         values = self._all_values()
         values[i] = value
-        if self.sink is None:
+        if self.sink is None or self.sink.compression is not None:  # compressed ragged: gathered, written at the end
             self.values = values
             return
         self.ragged = RaggedStream(self.sink, self.n, value.dtype)
@@ -169,15 +171,18 @@ class ShardStream:
     the array's metadata first; the tests check the file is byte-identical to Zarr's own encoding.
     """
 
-    def __init__(self, sink: Sink, n: int, row_shape: tuple[int, ...], dtype: np.dtype, rows_per_chunk: int) -> None:
+    def __init__(self, sink: Sink, n: int, row_shape: tuple[int, ...], dtype: np.dtype, rows_per_chunk: int,
+                 compression: str | None = None) -> None:
         self.sink, self.n, self.row_shape, self.dtype = sink, n, tuple(row_shape), np.dtype(dtype)
         self.k = rows_per_chunk
         _, shard_rows = chunk_layout(n, int(np.prod(row_shape, dtype=np.int64)) * self.dtype.itemsize)
         self.n_chunks = shard_rows // self.k
+        self.codec = _chunk_codec(compression)
+        self.lengths: list[int] = []  # bytes of each chunk as written (appended by the writer thread)
         zarr.create_array(
             sink.url, shape=(n, *row_shape), dtype=self.dtype, chunks=(self.k, *row_shape),
-            shards=(shard_rows, *row_shape), compressors=None, overwrite=True, storage_options=sink.options,
-            config=WRITE_CONFIG, attributes={"daskmv": {"layout": "stacked"}},
+            shards=(shard_rows, *row_shape), compressors=compressors(compression), overwrite=True,
+            storage_options=sink.options, config=WRITE_CONFIG, attributes={"daskmv": {"layout": "stacked"}},
         )
         self.key = posixpath.join(sink.url, "c", *(["0"] * (1 + len(row_shape))))
         sink.fs.makedirs(posixpath.dirname(self.key), exist_ok=True)
@@ -202,18 +207,21 @@ class ShardStream:
             chunk = self.chunks.pop(self.next_chunk, None)
             if chunk is None:  # no row of this chunk had a value
                 chunk = np.zeros((self.k, *self.row_shape), dtype=self.dtype)
-            self.writes.append(_WRITER.submit(self.fh.write, _le_bytes(chunk)))
+            self.writes.append(_WRITER.submit(self._write_chunk, chunk))
             self.next_chunk += 1
+
+    def _write_chunk(self, chunk: np.ndarray) -> None:
+        data = _le_bytes(chunk) if self.codec is None else self.codec.encode(np.ascontiguousarray(chunk))
+        self.fh.write(data)
+        self.lengths.append(len(data))
 
     def finish(self) -> None:
         """Write what is left, the index and its checksum; wait for every write; close the file."""
         self.flush(self.n)
-        chunk_bytes = self.k * int(np.prod(self.row_shape, dtype=np.int64)) * self.dtype.itemsize
-        self.writes.append(_WRITER.submit(self.fh.write, _shard_index(self.n_chunks, len(self.row_shape) + 1,
-                                                                       chunk_bytes)))
         try:
             for future in self.writes:
                 future.result()
+            self.fh.write(_shard_index_of(self.lengths, len(self.row_shape) + 1))
         finally:
             self.fh.close()
 
@@ -231,7 +239,11 @@ class ShardStream:
         rows = np.zeros((self.n_chunks * self.k, *self.row_shape), dtype=self.dtype)
         if self.next_chunk:
             with self.sink.fs.open(self.key, "rb") as fh:
-                done = np.frombuffer(fh.read(), dtype=self.dtype.newbyteorder("<"))
+                data = fh.read()
+            if self.codec is not None:  # decode the chunks written so far, one by one
+                ends = np.cumsum([0, *self.lengths])
+                data = b"".join(bytes(self.codec.decode(data[a:b])) for a, b in zip(ends[:-1], ends[1:]))
+            done = np.frombuffer(data, dtype=self.dtype.newbyteorder("<"))
             rows[: self.next_chunk * self.k] = done.reshape(-1, *self.row_shape)[: self.next_chunk * self.k]
         for c, chunk in self.chunks.items():
             rows[c * self.k : (c + 1) * self.k] = chunk
@@ -313,6 +325,26 @@ def _le_bytes(chunk: np.ndarray) -> memoryview:
     if data.dtype.byteorder == ">":
         data = data.astype(data.dtype.newbyteorder("<"))
     return memoryview(data).cast("B")
+
+
+def _chunk_codec(compression: str | None) -> Any:
+    """What encodes one inner chunk exactly as Zarr's codec of the same name (tests compare the files)."""
+    if compression is None:
+        return None
+    if compression == "zstd":
+        import numcodecs
+
+        return numcodecs.Zstd(level=1)
+    raise ValueError(f"streaming supports raw and zstd chunks, not {compression!r}")
+
+
+def _shard_index_of(lengths: list[int], ndim: int) -> bytes:
+    """The shard index for chunks of these byte lengths, written one after the other from offset 0."""
+    index = np.zeros((len(lengths), *([1] * (ndim - 1)), 2), dtype="<u8")
+    index[..., 0] = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.uint64).reshape(index.shape[:-1])
+    index[..., 1] = np.asarray(lengths, dtype=np.uint64).reshape(index.shape[:-1])
+    index_bytes = index.tobytes()
+    return index_bytes + np.array([google_crc32c.value(index_bytes)], dtype="<u4").tobytes()
 
 
 def _shard_index(n_chunks: int, ndim: int, chunk_bytes: int) -> bytes:

@@ -315,10 +315,10 @@ class Store:
         return [array_ref(output, index, generation, i) if p else None for i, p in enumerate(array.present)]
 
     def array_sink(self, output: str, index: int, generation: int, compression: str | None) -> Sink | None:
-        """Where a partition array can stream as rows finish: local roots, uncompressed outputs."""
-        if not self.local or compression is not None:
+        """Where a partition array can stream as rows finish: local roots, raw or zstd-compressed outputs."""
+        if not self.local or compression not in (None, "zstd"):
             return None
-        return Sink(self.fs, self.url(ZARR, output, partition_name(index, generation)))
+        return Sink(self.fs, self.url(ZARR, output, partition_name(index, generation)), compression=compression)
 
     def _zarr_options(self) -> dict[str, Any] | None:
         return None if self.local else (self.storage_options or None)

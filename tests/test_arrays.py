@@ -75,18 +75,18 @@ def test_ragged_round_trip(tmp_path):
         assert got.shape == v.shape and np.array_equal(got, v)
 
 
-def _stream(tmp_path, values, batch=4):
+def _stream(tmp_path, values, batch=4, compression=None):
     """Feed values the way the engine does: row by row, flushing after each batch."""
     from daskmv.arrays import PartitionArray, Sink, write_partition_array
 
     url = str(tmp_path / "streamed")
-    array = PartitionArray(len(values), Sink(fsspec.filesystem("file"), url))
+    array = PartitionArray(len(values), Sink(fsspec.filesystem("file"), url, compression=compression))
     for start in range(0, len(values), batch):
         for i in range(start, min(start + batch, len(values))):
             if values[i] is not None:
                 array.set(i, values[i])
         array.flush(min(start + batch, len(values)))
-    write_partition_array(url, array, None, None, fs=fsspec.filesystem("file"))
+    write_partition_array(url, array, None, compression, fs=fsspec.filesystem("file"))
     return url
 
 
@@ -148,3 +148,27 @@ def test_ragged_stream_holds_only_unfinished_rows(tmp_path):
             array.flush(i + 1)
             assert array.ragged is None or len(array.ragged.pending) == 0
     assert array.ragged is not None and array.values is None
+
+
+@pytest.mark.parametrize("shape", [(24, 32, 3), (600, 600), (5,)])
+def test_streamed_zstd_shard_equals_zarr_encoding(tmp_path, shape):
+    """Compressed outputs (masks, flat backgrounds) stream too: each inner chunk zstd-encoded as it is
+    final, the index of their lengths last; the file equals Zarr's own encoding byte for byte."""
+    rng = np.random.default_rng(3)
+    values = [(rng.random(shape) * 3).astype(np.uint8) * 80 for _ in range(19)]
+    values[2] = values[11] = None
+    url = _stream(tmp_path, values, compression="zstd")
+    write_stacked(str(tmp_path / "slow"), values, None, "zstd", fs=None)
+    assert shard_file(Path(url)).read_bytes() == shard_file(tmp_path / "slow").read_bytes()
+    assert (Path(url) / "zarr.json").read_bytes() == (tmp_path / "slow" / "zarr.json").read_bytes()
+    for i, v in enumerate(values):
+        assert np.array_equal(read_array_row(url, i), np.zeros(shape, np.uint8) if v is None else v)
+
+
+def test_compressed_stream_switches_to_ragged_with_every_value(tmp_path):
+    shapes = [(30, 40)] * 9 + [(40, 30)] + [(30, 40)] * 3
+    values = [np.full(s, i, np.uint8) for i, s in enumerate(shapes)]
+    url = _stream(tmp_path, values, batch=4, compression="zstd")
+    for i, v in enumerate(values):
+        got = read_array_row(url, i)
+        assert got.shape == v.shape and (got == i).all()
