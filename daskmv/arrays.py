@@ -11,8 +11,10 @@ array's metadata, and the shard file is the inner chunks in order followed by th
 (``(offset, length)`` per chunk, little-endian uint64, then its CRC32C), the layout of the Zarr v3
 sharding codec with its default index codecs. Zarr's own encoder copies every inner chunk two or three
 times, holds the whole partition, and writes it in one burst at the end; streaming overlaps the writes
-with compute and holds one batch. The tests check the files are byte-identical to Zarr's own encoding
-and read them back with Zarr. Compressed outputs go through Zarr's encoder.
+with compute and holds one batch. zstd-compressed arrays stream the same way (each inner chunk encoded
+on the writer thread, the index of their lengths last), and so do ragged ones. The tests check the files
+are byte-identical to Zarr's own encoding and read them back with Zarr. Other codecs, remote roots and
+compressed ragged arrays go through Zarr's encoder at the end of the partition.
 """
 
 from __future__ import annotations
@@ -164,7 +166,7 @@ class PartitionArray:
 
 
 class ShardStream:
-    """The single shard of an uncompressed stacked array, written chunk by chunk, index last.
+    """The single shard of a stacked array (raw or zstd chunks), written chunk by chunk, index last.
 
     The layout is the Zarr v3 sharding codec's with its default index codecs: inner chunks in order,
     then ``(offset, length)`` per chunk as little-endian uint64, then the index's CRC32C. Zarr writes
