@@ -69,7 +69,10 @@ WORKER_CONFIG = {"distributed.worker.profile.enabled": os.environ.get(
 def local_cluster(workers: int | None = None, threads_per_worker: int = 1, **kwargs: Any) -> Any:
     """LocalCUDACluster (one worker per GPU) when GPUs are present, else a LocalCluster of processes."""
     kwargs.setdefault("dashboard_address", _dashboard_address())
-    kwargs.setdefault("silence_logs", logging.ERROR)
+    # Worker processes log only CRITICAL: the driver reports every failed partition (tracebacks are kept in
+    # run.json), and what is left at ERROR is teardown noise, such as a heartbeat to a scheduler that just
+    # closed after a failed run, printed as a traceback. Pass silence_logs= to see more.
+    kwargs.setdefault("silence_logs", logging.CRITICAL)
     settings = {f"distributed.nanny.pre-spawn-environ.{k}": v for k, v in WORKER_MALLOC_ENV.items()}
     settings.update(WORKER_CONFIG)
     with dask.config.set(settings):
