@@ -370,17 +370,24 @@ def _loaded_batches(
             yield [(i, {}, 0.0) for i in range(start, min(start + size, len(records)))]
         return
     if task.decode_threads <= 0:  # load on this thread: no overlap, no thread switching
-        batch, held = [], 0
-        for i in range(len(records)):
-            batch.append((i, *_load_row(_row_url(records[i], task), wanted, task.decode_scale)))
-            held += _loaded_bytes(batch[-1][1])
-            if len(batch) >= size or held >= BATCH_BYTES:
-                yield batch
-                batch, held = [], 0
-        if batch:
+        loaded = ((i, *_load_row(_row_url(records[i], task), wanted, task.decode_scale)) for i in range(len(records)))
+    else:
+        loaded = _load_ahead(records, wanted, task)
+    batch, held = [], 0
+    for item in loaded:
+        batch.append(item)
+        held += _loaded_bytes(item[1])
+        if len(batch) >= size or held >= BATCH_BYTES:
             yield batch
-        return
+            batch, held = [], 0
+    if batch:
+        yield batch
+
+
+def _load_ahead(records: list[Row], wanted: frozenset[str], task: PartitionTask) -> Iterator[tuple[int, Any, float]]:
+    """Rows loaded in order on the loader threads, about two micro-batches ahead of the ops."""
     pool = _pool(task.decode_threads)
+    size = max(1, task.batch_size)
     ahead = size + max(size, 2 * task.decode_threads)
     pending: deque[tuple[int, Any]] = deque()
     todo = iter(range(len(records)))
@@ -398,16 +405,12 @@ def _loaded_batches(
 
     fill()
     while pending:
-        batch, held = [], 0
-        while pending and len(batch) < size and held < BATCH_BYTES:
-            i, future = pending.popleft()
-            batch.append((i, *future.result()))
-            nbytes = _loaded_bytes(batch[-1][1])
-            held += nbytes
-            seen[0] += 1
-            seen[1] += nbytes
-            fill()
-        yield batch
+        i, future = pending.popleft()
+        loaded, seconds = future.result()
+        seen[0] += 1
+        seen[1] += _loaded_bytes(loaded)
+        fill()
+        yield i, loaded, seconds
 
 
 def _loaded_bytes(loaded: Row | BaseException) -> int:
