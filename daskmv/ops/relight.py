@@ -15,7 +15,7 @@ import numpy as np
 from daskmv.errors import PipelineError
 from daskmv.ops.base import Op, Output, Param, Row
 from daskmv.ops.registry import register_op, register_pipeline
-from daskmv.ops.rows import hex_color, map_groups, mask_image, rgb_image
+from daskmv.ops.rows import PHOTO_BYTES, hex_color, map_groups, mask_image, rgb_image
 
 
 @register_op
@@ -26,7 +26,7 @@ class InputImage(Op):
     outputs = (Output("input", "array", "uint8", "the decoded input image [H, W, 3]"),)
 
     def row_bytes(self) -> int:
-        return 3 << 20
+        return PHOTO_BYTES
 
     def process(self, rows: list[Row]) -> list[Row | BaseException]:
         return [{"input": row["image"]} for row in rows]
@@ -68,7 +68,7 @@ class Composite(Op):
         return tuple(names + ([self.config["image"]] if self.color is None else []))
 
     def row_bytes(self) -> int:
-        return 3 << 20
+        return PHOTO_BYTES
 
     def setup(self, device: str) -> None:
         self.device = device

@@ -92,6 +92,11 @@ def map_groups(rows: Sequence[dict[str, Any]], read: Any, compute: Any) -> list[
     return results
 
 
+#: The bytes of one RGB photo output when the image size is unknown (about 1 Mpx): what image ops report
+#: as ``row_bytes`` so partitions are sized to the engine's output budget.
+PHOTO_BYTES = 3 << 20
+
+
 class MaskedImageOp(Op):
     """Base of ops that compute on an RGB image and its person mask, in torch on the worker's device.
 
@@ -106,7 +111,7 @@ class MaskedImageOp(Op):
         return (self.config[self.image_param], self.config["mask"])
 
     def row_bytes(self) -> int:
-        return 3 << 20  # unknown image size: budget about 1 Mpx per RGB output
+        return PHOTO_BYTES
 
     def setup(self, device: str) -> None:
         self.device = device

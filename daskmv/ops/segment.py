@@ -30,7 +30,7 @@ from daskmv.ops.base import Op, Output, Param, Row
 from daskmv.ops.core import parse_size
 from daskmv.ops.registry import register_op
 from daskmv.ops.torch_model import check_model, file_identity, load_torch_model, select_output
-from daskmv.ops.rows import rgb_image
+from daskmv.ops.rows import PHOTO_BYTES, rgb_image
 from daskmv.paths import resolve_path
 
 BACKENDS = ("auto", "selfie", "model", "column")
@@ -102,7 +102,7 @@ class Segment(Op):
         return (self.config["image"],)
 
     def row_bytes(self) -> int:
-        return 3 << 20  # unknown image size: budget about 1 Mpx (foreground 3 MB; the mask compresses)
+        return PHOTO_BYTES  # the foreground; the mask compresses
 
     def spec(self) -> dict[str, Any]:
         spec = super().spec()
