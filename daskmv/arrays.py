@@ -350,11 +350,8 @@ def _shard_index_of(lengths: list[int], ndim: int) -> bytes:
 
 
 def _shard_index(n_chunks: int, ndim: int, chunk_bytes: int) -> bytes:
-    index = np.zeros((n_chunks, *([1] * (ndim - 1)), 2), dtype="<u8")
-    index[..., 0] = (np.arange(n_chunks, dtype=np.uint64) * chunk_bytes).reshape(index.shape[:-1])
-    index[..., 1] = chunk_bytes
-    index_bytes = index.tobytes()
-    return index_bytes + np.array([google_crc32c.value(index_bytes)], dtype="<u4").tobytes()
+    """The shard index for ``n_chunks`` chunks of ``chunk_bytes`` each."""
+    return _shard_index_of([chunk_bytes] * n_chunks, ndim)
 
 
 def write_partition_array(url: str, array: PartitionArray, options: dict[str, Any] | None,
