@@ -19,8 +19,12 @@ compressed ragged arrays go through Zarr's encoder at the end of the partition.
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import posixpath
+import threading
+from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -446,11 +450,297 @@ def _ragged_group(url: str, options: dict[str, Any] | None, size: int, dtype: np
     group.create_array("shapes", data=shapes, config=WRITE_CONFIG)
 
 
-def read_array_row(url: str, row: int, storage_options: dict[str, Any] | None = None) -> np.ndarray:
-    """One row of a stacked or ragged partition array (reads only that row's chunk)."""
-    node = zarr.open(url, mode="r", storage_options=storage_options)
-    if isinstance(node, zarr.Array):
-        return np.asarray(node[row])
-    start, stop = (int(x) for x in node["offsets"][row : row + 2])
-    shape = tuple(int(s) for s in node["shapes"][row] if s >= 0)
-    return np.asarray(node["data"][start:stop]).reshape(shape)
+# -- reading back ------------------------------------------------------------------------------------
+#
+# Reading one row is the hot path of training on a run's outputs. ``zarr.open`` per row reads the
+# array's metadata and its shard index every time (Zarr caches neither), so a row costs three reads and
+# a millisecond. An opened array here (:func:`open_array`) keeps its metadata and, per shard, the index
+# it read once; a row of an uncompressed array is then one read of exactly its bytes at the offset the
+# index gives (``os.preadv`` straight into the result on local disks, one ranged ``cat_file`` through
+# fsspec), and a row of a zstd array one read of its inner chunk. Other codecs and layouts go through
+# Zarr. Opened arrays are kept per process (:func:`read_array_row` with a ``version``), in a bounded LRU.
+
+#: Opened arrays a process keeps (metadata and shard indexes: a few KB each; no file stays open).
+READERS_KEPT = 1024
+_NO_CHUNK = 2**64 - 1  # the shard index's (offset, length) of an inner chunk that was never written
+
+
+class _Bytes:
+    """Reads bytes under an array's URL: local files with ``os`` calls, anything else through fsspec."""
+
+    def __init__(self, url: str, storage_options: dict[str, Any] | None) -> None:
+        protocol, path = fsspec.core.split_protocol(url)
+        self.local = protocol in (None, "file", "local")
+        self.options = None if self.local else (dict(storage_options or {}) or None)
+        if self.local:
+            self.fs, self.root = None, os.path.abspath(path)
+        else:
+            self.fs, self.root = fsspec.core.url_to_fs(url, **(self.options or {}))
+            self.root = self.root.rstrip("/")
+        self.url = url
+
+    def key(self, *parts: str) -> str:
+        return "/".join([self.root, *parts])
+
+    def cat(self, key: str) -> bytes:
+        if self.fs is None:
+            with open(key, "rb") as fh:
+                return fh.read()
+        return bytes(self.fs.cat_file(key))
+
+    def tail(self, key: str, nbytes: int) -> bytes:
+        """The last ``nbytes`` of a file (a shard's index)."""
+        if self.fs is None:
+            fd = os.open(key, os.O_RDONLY)
+            try:
+                size = os.fstat(fd).st_size
+                return os.pread(fd, nbytes, max(0, size - nbytes))
+            finally:
+                os.close(fd)
+        return bytes(self.fs.cat_file(key, start=-nbytes))
+
+    def read_into(self, key: str, offset: int, out: np.ndarray) -> None:
+        """Fill ``out`` (contiguous) with the file's bytes from ``offset``."""
+        view = memoryview(out).cast("B")
+        if self.fs is None:
+            fd = os.open(key, os.O_RDONLY)
+            try:
+                got = os.preadv(fd, [view], offset)
+            finally:
+                os.close(fd)
+        else:
+            data = self.fs.cat_file(key, start=offset, end=offset + view.nbytes)
+            got = len(data)
+            view[:got] = data
+        if got != view.nbytes:
+            raise OSError(f"{key} ends before byte {offset + view.nbytes} (a truncated shard?)")
+
+    def read(self, key: str, offset: int, nbytes: int) -> bytes:
+        if self.fs is None:
+            fd = os.open(key, os.O_RDONLY)
+            try:
+                return os.pread(fd, nbytes, offset)
+            finally:
+                os.close(fd)
+        return bytes(self.fs.cat_file(key, start=offset, end=offset + nbytes))
+
+    def zarr_url(self, *parts: str) -> tuple[str, dict[str, Any] | None]:
+        """What to hand ``zarr.open`` for a node under this URL (Zarr refuses options for local paths)."""
+        if self.local:
+            return self.key(*parts), None
+        return "/".join([self.url.rstrip("/"), *parts]), self.options
+
+
+class _ShardRows:
+    """Rows (along the first axis) of a sharded array whose inner chunks are raw or zstd bytes, read
+    straight from its shard files with each shard's index read once."""
+
+    def __init__(self, src: _Bytes, meta: Any, parts: tuple[str, ...]) -> None:
+        sharding = meta.codecs[0]
+        self.src, self.meta, self.parts = src, meta, parts
+        self.shape = tuple(meta.shape)
+        self.k = int(sharding.chunk_shape[0])
+        self.shard_rows = int(meta.chunk_grid.chunk_shape[0])
+        self.per_shard = self.shard_rows // self.k
+        inner = sharding.codecs
+        endian = getattr(getattr(inner[0], "endian", None), "value", None)
+        native = np.dtype(meta.dtype.to_native_dtype())
+        self.dtype = native.newbyteorder(">" if endian == "big" else "<") if native.itemsize > 1 else native
+        self.native = native.newbyteorder("=") if native.byteorder not in ("|", "=") else native
+        self.row_items = int(np.prod(self.shape[1:], dtype=np.int64))
+        self.row_nbytes = self.row_items * self.dtype.itemsize
+        self.zstd = len(inner) == 2
+        self.codec = _chunk_codec("zstd") if self.zstd else None
+        self.index_at_end = getattr(sharding.index_location, "value", "end") == "end"
+        self.fill = meta.fill_value
+        self.indexes: dict[int, np.ndarray | None] = {}
+
+    @staticmethod
+    def handles(meta: Any) -> bool:
+        """Sharded along the first axis only, inner chunks of whole rows, raw or zstd, the default index."""
+        from zarr.codecs import BytesCodec, Crc32cCodec, ShardingCodec
+
+        codecs = meta.codecs
+        if len(codecs) != 1 or not isinstance(codecs[0], ShardingCodec) or len(meta.shape) == 0:
+            return False
+        sharding, shape = codecs[0], tuple(meta.shape)
+        shard = tuple(meta.chunk_grid.chunk_shape)
+        inner = tuple(sharding.codecs)
+        whole_rows = tuple(sharding.chunk_shape[1:]) == shape[1:] == shard[1:]
+        raw_or_zstd = (len(inner) == 1 and isinstance(inner[0], BytesCodec)) or (
+            len(inner) == 2 and isinstance(inner[0], BytesCodec) and isinstance(inner[1], ZstdCodec))
+        index = tuple(sharding.index_codecs)
+        default_index = (len(index) == 2 and isinstance(index[0], BytesCodec) and isinstance(index[1], Crc32cCodec)
+                         and getattr(index[0].endian, "value", "little") == "little")
+        return (whole_rows and raw_or_zstd and default_index and shard[0] % sharding.chunk_shape[0] == 0
+                and not np.dtype(meta.dtype.to_native_dtype()).hasobject)
+
+    def _index(self, shard: int) -> np.ndarray | None:
+        """The shard's ``(offset, length)`` per inner chunk, read once; None for a shard never written."""
+        if shard in self.indexes:
+            return self.indexes[shard]
+        key = self.src.key(*self.parts, self.meta.encode_chunk_key((shard, *([0] * (len(self.shape) - 1)))))
+        nbytes = self.per_shard * 16 + 4
+        try:
+            raw = self.src.tail(key, nbytes) if self.index_at_end else self.src.read(key, 0, nbytes)
+        except FileNotFoundError:
+            raw = None
+        index = None
+        if raw is not None:
+            if len(raw) != nbytes or google_crc32c.value(raw[:-4]) != int.from_bytes(raw[-4:], "little"):
+                raise OSError(f"{key}: the shard index is damaged (a truncated or partly written file?)")
+            index = np.frombuffer(raw[:-4], dtype="<u8").reshape(self.per_shard, 2)  # offsets from the file's start
+        self.indexes[shard] = index
+        return index
+
+    def rows(self, start: int, stop: int) -> np.ndarray:
+        out = np.empty((stop - start, *self.shape[1:]), dtype=self.dtype)
+        for c in range(start // self.k, (stop - 1) // self.k + 1) if stop > start else ():
+            lo, hi = max(start, c * self.k), min(stop, (c + 1) * self.k)
+            shard, j = divmod(c, self.per_shard)
+            index = self._index(shard)
+            target = out[lo - start : hi - start]
+            if index is None or int(index[j, 0]) == _NO_CHUNK:
+                target[...] = self.fill
+                continue
+            offset, length = int(index[j, 0]), int(index[j, 1])
+            key = self.src.key(*self.parts, self.meta.encode_chunk_key((shard, *([0] * (len(self.shape) - 1)))))
+            if not self.zstd:
+                self.src.read_into(key, offset + (lo - c * self.k) * self.row_nbytes, target)
+                continue
+            chunk = np.frombuffer(self.codec.decode(self.src.read(key, offset, length)), dtype=self.dtype)
+            first = (lo - c * self.k) * self.row_items
+            target[...] = chunk[first : first + (hi - lo) * self.row_items].reshape(target.shape)
+        return out if self.dtype == self.native else out.astype(self.native)
+
+
+class _ZarrRows:
+    """Any other array: rows read through an open ``zarr.Array`` (kept open, so its metadata is read once)."""
+
+    def __init__(self, src: _Bytes, parts: tuple[str, ...]) -> None:
+        url, options = src.zarr_url(*parts)
+        self.array = zarr.open_array(url, mode="r", storage_options=options)
+        self.shape = tuple(self.array.shape)
+
+    def rows(self, start: int, stop: int) -> np.ndarray:
+        return np.asarray(self.array[start:stop])
+
+
+def _rows_reader(src: _Bytes, parts: tuple[str, ...], doc: dict[str, Any] | None = None) -> _ShardRows | _ZarrRows:
+    if doc is not None and doc.get("zarr_format") == 3 and doc.get("node_type") == "array":
+        from zarr.core.metadata.v3 import ArrayV3Metadata
+
+        meta = ArrayV3Metadata.from_dict(dict(doc))
+        if _ShardRows.handles(meta):
+            return _ShardRows(src, meta, parts)
+    return _ZarrRows(src, parts)
+
+
+class OpenArray:
+    """One partition array opened for reading rows: stacked (``[rows, ...]``) or ragged (a group)."""
+
+    def __init__(self, url: str, storage_options: dict[str, Any] | None = None) -> None:
+        self.url = url
+        src = _Bytes(url, storage_options)
+        try:
+            doc = json.loads(src.cat(src.key("zarr.json")))
+        except FileNotFoundError:
+            doc = None  # not Zarr v3 (or not there): Zarr says which
+        if doc is not None and doc.get("node_type") == "group":
+            url_, options = src.zarr_url()
+            group = zarr.open_group(url_, mode="r", storage_options=options)
+            self.offsets = np.asarray(group["offsets"][...], dtype=np.int64)
+            self.shapes = np.asarray(group["shapes"][...], dtype=np.int64)
+            data_doc = json.loads(src.cat(src.key("data", "zarr.json")))
+            self.data: _ShardRows | _ZarrRows | None = _rows_reader(src, ("data",), data_doc)
+            self.n = len(self.offsets) - 1
+        else:
+            self.data = None
+            try:
+                self.stacked = _rows_reader(src, (), doc)
+            except FileNotFoundError as exc:
+                raise FileNotFoundError(f"no Zarr array at {url} ({exc})") from None
+            self.n = self.stacked.shape[0]
+
+    def row(self, row: int) -> np.ndarray:
+        """Row ``row``: a writable NumPy array in native byte order."""
+        row = int(row)
+        if not 0 <= row < self.n:
+            raise IndexError(f"row {row} is outside {self.url}, which has {self.n} rows")
+        if self.data is None:
+            return self.stacked.rows(row, row + 1)[0]
+        start, stop = int(self.offsets[row]), int(self.offsets[row + 1])
+        shape = tuple(int(s) for s in self.shapes[row] if s >= 0)
+        return self.data.rows(start, stop).reshape(shape)
+
+
+def open_array(url: str, storage_options: dict[str, Any] | None = None) -> OpenArray:
+    """Open a stacked or ragged partition array for reading rows (not cached: see :func:`read_array_row`)."""
+    return OpenArray(url, storage_options)
+
+
+class _Readers:
+    """The arrays this process keeps open, least recently used first; safe across threads and forks."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.open: OrderedDict[Any, OpenArray] = OrderedDict()
+        self.pid = os.getpid()
+
+    def get(self, url: str, storage_options: dict[str, Any] | None, version: Any) -> OpenArray:
+        if self.pid != os.getpid():  # a forked child that register_at_fork did not reach
+            self.__init__()  # type: ignore[misc]
+        key = (url, options_key(storage_options), version)
+        with self.lock:
+            reader = self.open.get(key)
+            if reader is not None:
+                self.open.move_to_end(key)
+                return reader
+        reader = OpenArray(url, storage_options)  # outside the lock: another thread may open one too
+        with self.lock:
+            self.open[key] = reader
+            while len(self.open) > READERS_KEPT:
+                self.open.popitem(last=False)
+        return reader
+
+    def forget(self, version: Any = None) -> None:
+        """Drop the arrays opened for ``version`` (all of them when None)."""
+        with self.lock:
+            for key in [k for k in self.open if version is None or k[2] == version]:
+                del self.open[key]
+
+
+def options_key(storage_options: dict[str, Any] | None) -> str:
+    """Storage options as a hashable key (JSON, sorted)."""
+    return json.dumps(storage_options or {}, sort_keys=True, default=repr)
+
+
+_READERS = _Readers()
+
+
+def _after_fork() -> None:  # a child starts with no arrays open and a fresh lock
+    global _READERS
+    _READERS = _Readers()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork)
+
+
+def read_array_row(url: str, row: int, storage_options: dict[str, Any] | None = None, *,
+                   version: Any = None) -> np.ndarray:
+    """One row of a stacked or ragged partition array (reads only that row's bytes or inner chunk).
+
+    With ``version`` (any hashable value that changes whenever the data may have: :mod:`daskmv.data`
+    passes the manifest's own signature), the opened array is kept in this process for the next call,
+    so a row costs one read; without it the array is opened for this call alone, which is always
+    current but reads its metadata and shard index each time.
+    """
+    if version is None:
+        return OpenArray(url, storage_options).row(row)
+    return _READERS.get(url, storage_options, version).row(row)
+
+
+def forget_arrays(version: Any = None) -> None:
+    """Drop this process's open arrays of ``version`` (all when None): their data was replaced."""
+    _READERS.forget(version)

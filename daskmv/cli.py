@@ -130,18 +130,39 @@ def _try_report(root: str) -> None:
         err.print(f"no report: {escape(str(exc))}", highlight=False)
 
 
+STORAGE_OPTIONS_HELP = ("fsspec options of a remote root, as JSON (e.g. '{\"anon\": true}'); "
+                        "they override --config's storage_options.")
+CONFIG_HELP = "The YAML file of run settings (as `daskmv run --config`): its storage_options are used."
+
+
+def _storage_options(text: Optional[str], config: Optional[Path]) -> dict[str, Any]:
+    """The storage options for reading a root: --config's ``storage_options``, then --storage-options."""
+    options = dict(_read_config(config).get("storage_options") or {})
+    if text:
+        try:
+            given = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise UsageError(f"--storage-options is not JSON: {exc}") from None
+        if not isinstance(given, dict):
+            raise UsageError("--storage-options must be a JSON object, e.g. '{\"anon\": true}'")
+        options.update(given)
+    return options
+
+
 @app.command("report")
 def report_cmd(
     root: str = typer.Argument(..., help="An output root."),
     n: int = typer.Option(16, "--n", help="Rows in the gallery."),
     seed: int = typer.Option(0, help="Seed of the gallery's sample."),
     to: Optional[str] = typer.Option(None, "--to", help="Write here instead of ROOT/report.html."),
+    storage_options: Optional[str] = typer.Option(None, "--storage-options", help=STORAGE_OPTIONS_HELP),
+    config: Optional[Path] = typer.Option(None, help=CONFIG_HELP),
 ) -> None:
     """Write ROOT/report.html: summary, timeline, errors and a gallery, in one self-contained file."""
     from daskmv.report import build_report
 
     try:
-        path = build_report(root, n=n, seed=seed, out=to)
+        path = build_report(root, n=n, seed=seed, out=to, storage_options=_storage_options(storage_options, config))
     except DaskmvError as exc:
         raise _fail(exc) from None
     out.print(f"report: {path}", highlight=False, soft_wrap=True)
@@ -154,12 +175,15 @@ def preview(
     seed: int = typer.Option(0, help="Seed of the sample."),
     tile: int = typer.Option(192, help="Tile size in pixels."),
     to: Optional[str] = typer.Option(None, "--to", help="Write here instead of ROOT/preview.png."),
+    storage_options: Optional[str] = typer.Option(None, "--storage-options", help=STORAGE_OPTIONS_HELP),
+    config: Optional[Path] = typer.Option(None, help=CONFIG_HELP),
 ) -> None:
     """Write ROOT/preview.png: a contact sheet of sampled rows (input, then each op's images)."""
     from daskmv.preview import contact_sheet
 
     try:
-        path = contact_sheet(root, n=n, seed=seed, out=to, tile=tile)
+        path = contact_sheet(root, n=n, seed=seed, out=to, tile=tile,
+                             storage_options=_storage_options(storage_options, config))
     except DaskmvError as exc:
         raise _fail(exc) from None
     out.print(f"preview: {path}", highlight=False, soft_wrap=True)
@@ -197,14 +221,18 @@ def validate(
 def status(
     root: str = typer.Argument(..., help="An output root."),
     as_json: bool = typer.Option(False, "--json", help="Print the status as JSON."),
+    storage_options: Optional[str] = typer.Option(None, "--storage-options", help=STORAGE_OPTIONS_HELP),
+    config: Optional[Path] = typer.Option(None, help=CONFIG_HELP),
 ) -> None:
     """Done, failed and pending rows of an output root: during a run, after it, or after a crash."""
     from daskmv.store import Store
 
     try:
-        info = Store(root).status()
+        info = Store(root, _storage_options(storage_options, config)).status()
     except DaskmvError as exc:
         raise _fail(exc) from None
+    except (OSError, TypeError) as exc:  # the filesystem would not open (missing or wrong storage options)
+        raise _fail(UsageError(f"cannot read {root}: {type(exc).__name__}: {exc}")) from None
     if as_json:
         out.print_json(json.dumps(info, default=str))
         return

@@ -7,6 +7,8 @@ albedo, degraded foreground and output). Columns are labelled; each row starts w
 
 from __future__ import annotations
 
+from typing import Any
+
 import cv2
 import numpy as np
 
@@ -19,9 +21,11 @@ HEADER = 28
 BACKDROP = (32, 32, 32)
 
 
-def contact_sheet(root: str, n: int = 16, seed: int = 0, out: str | None = None, tile: int = 192) -> str:
-    """Write the contact sheet (default ``ROOT/preview.png``) and return its path."""
-    facts = RunFacts.read(root)
+def contact_sheet(root: str, n: int = 16, seed: int = 0, out: str | None = None, tile: int = 192,
+                  storage_options: dict[str, Any] | None = None) -> str:
+    """Write the contact sheet (default ``ROOT/preview.png``) and return its path; ``storage_options``
+    open a remote root."""
+    facts = RunFacts.read(root, storage_options)
     ok, picks = sample_ok_rows(facts, n, seed)
     if not len(picks):
         raise StoreError(f"{root} has no finished rows to preview")

@@ -48,8 +48,8 @@ class RunFacts:
     source: str
 
     @classmethod
-    def read(cls, root: str) -> RunFacts:
-        store = Store(root)
+    def read(cls, root: str, storage_options: dict[str, Any] | None = None) -> RunFacts:
+        store = Store(root, storage_options)
         status = store.status()  # raises a StoreError for a folder that is not an output root
         run = store.read_json(RUN_JSON) or {}
         n_parts = int(run.get("partitions") or 0)
@@ -67,9 +67,13 @@ class RunFacts:
         return cls(store, run, status, markers, rows, source)
 
 
-def build_report(root: str, n: int = 16, seed: int = 0, out: str | None = None) -> str:
-    """Write the report for output root ``root`` (default ``root/report.html``); return its path."""
-    facts = RunFacts.read(root)
+def build_report(root: str, n: int = 16, seed: int = 0, out: str | None = None,
+                 storage_options: dict[str, Any] | None = None) -> str:
+    """Write the report for output root ``root`` (default ``root/report.html``); return its path.
+
+    ``storage_options`` open a remote root, as ``daskmv run`` was given them.
+    """
+    facts = RunFacts.read(root, storage_options)
     page = render(facts, n=n, seed=seed)
     target = out or facts.store.url(REPORT)
     if out is None:
@@ -313,7 +317,8 @@ def row_images(facts: RunFacts, row: pd.Series, ops: list[Any]) -> list[tuple[st
         if column.endswith("_path") and isinstance(ref, str) and "#" in ref:
             try:
                 path, r = parse_ref(ref)
-                values[column[: -len("_path")]] = read_array_row(_resolve_ref(facts, path), r)
+                values[column[: -len("_path")]] = read_array_row(_resolve_ref(facts, path), r,
+                                                                 facts.store.storage_options or None)
             except (ValueError, OSError, KeyError):
                 pass
     if ops:
