@@ -6,17 +6,21 @@ resource when the pipeline needs one) through a bounded window refilled as tasks
 writes its own outputs and returns only its small completion marker, whose future is released at
 once, so the driver's memory does not grow with the manifest and a worker lost late in a run never
 makes the scheduler recompute finished partitions. Partitions already marked done for this pipeline
-are skipped: that is how an interrupted run resumes.
+and these rows are skipped: that is how an interrupted run resumes.
+
+What goes wrong is told apart: a row's own problem is a row error; a partition whose task failed (an I/O
+or device fault, a lost worker) is retried with back-off and, when it keeps failing, reported with exit 1;
+a worker whose op set-up keeps failing gets no more work; a run that completed with more row errors than
+``max_error_rate`` ends with exit 3.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
 import dataclasses
-import hashlib
 import heapq
 import importlib.metadata
+import os
 import platform
 import queue
 import sys
@@ -32,19 +36,23 @@ from distributed import Client
 
 from daskmv.assemble import ManifestWriter, SchemaMismatch
 from daskmv.cluster import connect, worker_summary
-from daskmv.errors import RunError, StoreError, UsageError
+from daskmv.errors import OutputRootError, RunError, SetupFailed, StoreError, TooManyRowErrors, UsageError
 from daskmv.manifest import Manifest, read_manifest
 from daskmv.ops.image import DECODE_SCALES
-from daskmv.partition import OpCache, PartitionTask, failed_partition_table, run_partition
+from daskmv.partition import (SETUP_ATTEMPTS, OpCache, PartitionTask, failed_partition_table, inputs_hash,
+                              refresh_inputs, run_partition)
 from daskmv.pipeline import Pipeline
-from daskmv.progress import RunProgress
-from daskmv.store import MANIFEST, RUN_JSON, Store, now
+from daskmv.progress import MODES, RunProgress
+from daskmv.store import ERRORS_LOG, LAYOUT, MANIFEST, RUN_JSON, Store, attempt_name, new_token, now
 
 DEFAULT_BATCH_SIZE = 32
 MAX_PARTITION_ROWS = 1024
 PARTITION_BYTES = 256 << 20
 MAX_COLUMN_PARTITION_ROWS = 10_000
 MIN_PARTITION_ROWS = 16
+#: A run whose share of row errors is above this ends with exit 3 (``--max-error-rate``): a few broken
+#: files pass, a manifest pointing at the wrong folder does not.
+DEFAULT_MAX_ERROR_RATE = 0.1
 
 
 @dataclass
@@ -71,6 +79,40 @@ class RunOptions:
     storage_options: dict[str, Any] = field(default_factory=dict)
     cluster_kwargs: dict[str, Any] = field(default_factory=dict)
     export: str | None = None
+    max_error_rate: float = DEFAULT_MAX_ERROR_RATE
+    worker_wait: float = 600.0
+
+    def check(self) -> None:
+        """Refuse any option a run cannot honour, with one line saying which and why (before anything is written)."""
+        whole = {"threads_per_worker": 1, "batch_size": 1, "decode_threads": 0, "retries": 0}
+        optional = {"workers": 1, "partition_rows": 1, "limit": 1, "window": 1}
+        for name, low in [*whole.items(), *optional.items()]:
+            value = getattr(self, name)
+            if value is None and name in optional:
+                continue
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise UsageError(f"{_flag(name)} {value!r}: must be a whole number of at least {low}")
+        for name, low, high in (("retry_delay", 0.0, None), ("max_error_rate", 0.0, 1.0), ("worker_wait", 0.0, None)):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or value < low or (high and value > high):
+                bound = f"between {low:g} and {high:g}" if high else f"a number of at least {low:g}"
+                raise UsageError(f"{_flag(name)} {value!r}: must be {bound}")
+        if self.decode_scale not in DECODE_SCALES:
+            raise UsageError(f"--decode-scale {self.decode_scale}: use one of {', '.join(map(str, DECODE_SCALES))}")
+        if self.progress not in MODES:
+            raise UsageError(f"--progress {self.progress!r}: use one of {', '.join(MODES)}")
+        for name in ("overwrite", "retry_errors", "require_gpu"):
+            if not isinstance(getattr(self, name), bool):
+                raise UsageError(f"{_flag(name)}: must be true or false, not {getattr(self, name)!r}")
+        for name in ("storage_options", "cluster_kwargs"):
+            if not isinstance(getattr(self, name), dict):
+                raise UsageError(f"{name}: must be a mapping, not {getattr(self, name)!r}")
+        if not isinstance(self.path_column, str) or not self.path_column:
+            raise UsageError(f"--path-column {self.path_column!r}: must be a column name")
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
 
 
 @dataclass
@@ -112,11 +154,6 @@ class RunResult:
                 f"in {self.seconds:,.1f} s; manifest: {self.manifest_path}")
 
 
-def rows_hash(df: pd.DataFrame) -> str:
-    """A digest of a partition's ids, so a marker is only trusted for exactly the same rows."""
-    return hashlib.sha256("\x1f".join(df["id"].tolist()).encode()).hexdigest()[:20]
-
-
 def run(
     manifest: str | Manifest,
     pipeline: str | Pipeline | list[Any],
@@ -136,6 +173,7 @@ def run(
         known = ", ".join(f.name for f in dataclasses.fields(RunOptions))
         raise UsageError(f"unknown run option(s) {', '.join(unknown)} (options: {known})")
     opts = RunOptions(**options)
+    opts.check()
     with _system_arrow_pool():
         return _run(manifest, pipeline, out, client, opts)
 
@@ -155,14 +193,15 @@ def _system_arrow_pool() -> Iterator[None]:
 def _run(manifest: str | Manifest, pipeline: str | Pipeline | list[Any], out: str, client: Client | None,
          opts: RunOptions) -> RunResult:
     progress = RunProgress(opts.progress)  # type: ignore[arg-type]
-    if not isinstance(manifest, Manifest):
-        manifest = read_manifest(manifest, path_column=opts.path_column, id_column=opts.id_column,
-                                 limit=opts.limit, storage_options=opts.storage_options)
     pipeline = Pipeline.parse(pipeline)
     _check_export(opts.export, pipeline)
-    if opts.decode_scale not in DECODE_SCALES:
-        raise UsageError(f"--decode-scale {opts.decode_scale}: use one of {', '.join(map(str, DECODE_SCALES))}")
+    if not isinstance(manifest, Manifest):
+        manifest = read_manifest(manifest, path_column=opts.path_column, id_column=opts.id_column,
+                                 limit=opts.limit, storage_options=opts.storage_options, check=False)
     replaced = pipeline.validate(manifest.columns, manifest.path_column)
+    identity = pipeline.column_inputs(manifest.columns)
+    if manifest.row_hashes is None or not set(identity) <= set(manifest.identity_columns):
+        manifest.check(identity_columns=identity)
     if replaced:
         progress.note(f"note: the pipeline's outputs replace the manifest column(s) {', '.join(replaced)}")
     store = Store(out, opts.storage_options)
@@ -175,15 +214,25 @@ def _run(manifest: str | Manifest, pipeline: str | Pipeline | list[Any], out: st
                      note=progress.note, **opts.cluster_kwargs) as c:
             runner = _Runner(c, manifest, pipeline, store, opts, progress)
             return runner.run(binding, partition_rows)
-    except OSError as exc:  # the output root failed under us: full disk, lost mount, permissions
-        hint = "free some space" if exc.errno == errno.ENOSPC else "fix the output root"
-        raise RunError(f"cannot write to the output root {store.root}: {exc}; {hint} and run the same command "
-                       "again to resume (finished partitions are kept)") from None
+    except (OutputRootError, TooManyRowErrors):
+        raise
+    except (TimeoutError, ConnectionError, _comm_closed()) as exc:  # OSErrors too, but not the root's
+        raise RunError(f"lost contact with the Dask cluster ({type(exc).__name__}: {exc}); finished partitions "
+                       "are kept: run the same command again to resume") from None
+    except OSError as exc:
+        raise RunError(f"I/O error in the driver ({type(exc).__name__}: {exc}); finished partitions are kept: "
+                       "run the same command again to resume") from None
     finally:
         try:
             store.release_lock()
         except OSError:
             pass
+
+
+def _comm_closed() -> type[BaseException]:
+    from distributed.comm.core import CommClosedError
+
+    return CommClosedError
 
 
 def _check_export(export: str | None, pipeline: Pipeline) -> None:
@@ -200,11 +249,23 @@ def _check_export(export: str | None, pipeline: Pipeline) -> None:
 def _binding(manifest: Manifest, pipeline: Pipeline) -> dict[str, Any]:
     """What ties an output root to one run: resuming requires all of it to be the same."""
     return {
+        "layout": LAYOUT,
         "fingerprint": pipeline.fingerprint,
-        "manifest": manifest.url,
+        "manifest": canonical_url(manifest.url),
         "id_column": manifest.id_column,
         "path_column": manifest.path_column,
     }
+
+
+def canonical_url(url: str) -> str:
+    """One spelling per manifest: local paths absolute and normalised (``m.csv``, ``./m.csv`` and
+    ``/data/m.csv`` are the same run), URLs as given."""
+    from fsspec.core import split_protocol
+
+    protocol, path = split_protocol(url)
+    if protocol in (None, "file", "local"):
+        return os.path.normpath(os.path.abspath(path))
+    return url
 
 
 def _known_partition_rows(previous: dict[str, Any] | None, asked: int | None) -> int | None:
@@ -215,6 +276,16 @@ def _known_partition_rows(previous: dict[str, Any] | None, asked: int | None) ->
         raise StoreError(f"this output root was made with --partition-rows {recorded}; resuming needs the same "
                          "value (or --overwrite)")
     return recorded if recorded is not None else asked
+
+
+def expected_threads(client: Client, present: int, jobs: int | None) -> int:
+    """Worker threads the run will have: those present, or what ``jobs`` jobs of a dask-jobqueue cluster
+    bring (jobs x processes x threads) when more, since a SLURM run starts with its first job alone."""
+    job = getattr(getattr(client, "cluster", None), "_dummy_job", None)
+    if job is None or not jobs:
+        return present
+    per_job = int(getattr(job, "worker_processes", 1) or 1) * int(getattr(job, "worker_process_threads", 1) or 1)
+    return max(present, jobs * per_job)
 
 
 def auto_partition_rows(n_rows: int, threads: int, reads_files: bool = True, row_bytes: int = 0) -> int:
@@ -256,10 +327,14 @@ class _Runner:
         self.skipped: list[int] = []
         self.failed: dict[int, str] = {}
         self.failed_attempts: list[dict[str, Any]] = []  # every failed attempt, for the report
+        self.retired: dict[str, dict[str, Any]] = {}  # workers whose op set-up kept failing
         self._window_size, self._window_at = 2, float("-inf")
-        self.indices: list[int] = []
+        self._workers: list[str] = []
+        self._no_slots_since: float | None = None
+        self.n_partitions = 0
         # The final manifest is written while the run goes, in order, as partitions become ready.
         self.writer = ManifestWriter(store, csv=manifest.format == "csv")
+        self.part_files: dict[int, str] = {}
         self.ready: set[int] = set()
         self.slurm_jobs: dict[str, list[int]] = {}
         self.next_out = 0
@@ -272,11 +347,13 @@ class _Runner:
             raise RunError("the cluster has no workers")
         resources = self._resources(workers)
         if partition_rows is None:
-            partition_rows = auto_partition_rows(self.manifest.n_rows or 0, workers["threads"],
+            threads = expected_threads(self.client, workers["threads"], self.opts.workers)
+            partition_rows = auto_partition_rows(self.manifest.n_rows or 0, threads,
                                                  reads_files=bool(self.pipeline.loader_inputs),
                                                  row_bytes=self.pipeline.row_bytes)
         binding = {**binding, "partition_rows": partition_rows}
         self.n_partitions = self.manifest.partition_count(partition_rows)
+        self.hashes = [self.manifest.partition_hash(k, partition_rows) for k in range(self.n_partitions)]
         self.client.register_plugin(OpCache())
         self.store.prepare_arrays([o.name for o in self.pipeline.array_outputs])
         run_doc = self._run_doc(binding, workers, state="running")
@@ -302,37 +379,43 @@ class _Runner:
             counts=counts, seconds=time.perf_counter() - t0, computed_partitions=self.computed,
             skipped_partitions=self.skipped, failed_partitions=sorted(self.failed),
         )
+        self._check_error_rate(result)
         return result
 
     # -- what to submit ----------------------------------------------------------------------------
     def _tasks(self, partition_rows: int, markers: dict[int, Any], fingerprint: str) -> Iterator[PartitionTask]:
         steps = self.pipeline.steps()
         for index, rows in enumerate(self.manifest.partitions(partition_rows)):
-            self.indices.append(index)
-            digest = rows_hash(rows)
+            digest = self.hashes[index]
             marker = markers.get(index)
-            done = marker is not None and marker.fingerprint == fingerprint and marker.rows_hash == digest
+            done = marker is not None and marker.same_work(fingerprint, digest)
             task = PartitionTask(
                 index=index, rows=rows, rows_hash=digest, fingerprint=fingerprint, steps=steps,
                 root=self.store.root, base=self.manifest.base, path_column=self.manifest.path_column,
                 batch_size=self.opts.batch_size, decode_threads=self.opts.decode_threads,
                 decode_scale=self.opts.decode_scale,
                 storage_options=self.opts.storage_options, export=self.opts.export,
+                inputs_hash=inputs_hash(rows),
             )
+            if done and marker.inputs_hash != task.inputs_hash:
+                # Same work, but a column the pipeline does not read changed: carry the new values.
+                marker = refresh_inputs(self.store, marker, rows, self.pipeline.outputs, self.opts.export,
+                                        task.inputs_hash)
             if done and self.opts.retry_errors and marker.errors:
-                task.retry_ids = self._error_ids(index)
+                task.retry_ids = self._error_ids(marker)
                 task.generation = marker.generation + 1
-                self.progress.advance(marker.ok)
+                self.progress.skip(marker.ok)
             elif done:
                 self._record_job(marker.info)
                 self.skipped.append(index)
-                self.progress.advance(marker.rows, marker.errors)
+                self.part_files[index] = marker.part
+                self.progress.skip(marker.rows, marker.errors)
                 self._ready(index)
                 continue
             yield task
 
-    def _error_ids(self, index: int) -> list[str]:
-        table = self.store.read_part(index).select(["id", "status"]).to_pandas()
+    def _error_ids(self, marker: Any) -> list[str]:
+        table = self.store.read_part_file(marker.part).select(["id", "status"]).to_pandas()
         return table.loc[table["status"] == "error", "id"].tolist()
 
     def _resources(self, workers: dict[str, int]) -> dict[str, int] | None:
@@ -353,13 +436,36 @@ class _Runner:
         """About two tasks per worker thread that may run them; re-read every few seconds, since
         clusters grow (SLURM jobs starting, adaptive scaling) and shrink while a run goes."""
         now_t = time.monotonic()
-        if self.opts.window:
-            return self.opts.window
         if now_t - self._window_at > 3.0:
-            workers = worker_summary(self.client)
-            slots = workers["gpu_workers"] if resources else workers["threads"]
+            info = self.client.scheduler_info(n_workers=-1)["workers"]
+            self._workers = [w for w in info if w not in self.retired]
+            usable = [info[w] for w in self._workers]
+            if resources:
+                usable = [w for w in usable if w.get("resources", {}).get("GPU", 0) >= 1]
+            slots = sum(int(w.get("nthreads", 1)) for w in usable) if not resources else len(usable)
             self._window_size, self._window_at = max(2, 2 * slots), now_t
-        return self._window_size
+            self._watch_slots(slots, resources)
+        return self.opts.window or self._window_size
+
+    def _watch_slots(self, slots: int, resources: dict[str, int] | None) -> None:
+        """Give up when no worker that can run the tasks has been there for ``worker_wait`` seconds
+        (tasks that need a GPU would otherwise wait for one forever)."""
+        if slots or not self.in_flight:
+            self._no_slots_since = None
+            return
+        self._no_slots_since = self._no_slots_since or time.monotonic()
+        waited = time.monotonic() - self._no_slots_since
+        if waited >= self.opts.worker_wait:
+            what = "with a GPU" if resources else "able to run them"
+            raise RunError(f"{len(self.in_flight)} partition(s) waited {waited:.0f} s for a worker {what} and none "
+                           f"is left in the cluster{self._retired_note()}; finished partitions are kept: add "
+                           "workers and run the same command again to resume")
+
+    def _retired_note(self) -> str:
+        if not self.retired:
+            return ""
+        first = next(iter(self.retired.values()))
+        return f" ({len(self.retired)} retired after failing op set-up: {first['error']})"
 
     def _loop(self, tasks: Iterator[PartitionTask], resources: dict[str, int] | None) -> None:
         """Keep a window of tasks in flight; collect each as it finishes (done-callbacks, no polling)."""
@@ -388,7 +494,10 @@ class _Runner:
     def _submit(self, task: PartitionTask, resources: dict[str, int] | None) -> None:
         task.attempt = self.attempts[task.index] = self.attempts.get(task.index, 0) + 1
         key = f"daskmv-{task.fingerprint[:10]}-p{task.index:06d}-g{task.generation}-a{task.attempt}"
-        future = self.client.submit(run_partition, task, key=key, resources=resources, pure=False)
+        # Workers whose op set-up kept failing get no more of this run's tasks.
+        allowed = [w for w in self._workers if w not in self.retired] if self.retired else None
+        future = self.client.submit(run_partition, task, key=key, resources=resources, pure=False,
+                                    workers=allowed, allow_other_workers=False)
         self.in_flight[future] = task
         future.add_done_callback(self.finished.put)
 
@@ -407,29 +516,59 @@ class _Runner:
             self.computed.append(task.index)
             self.failed.pop(task.index, None)
             self._record_job(marker)
+            self.part_files[task.index] = marker["part"]
             self.progress.advance(marker["processed_rows"], marker["errors"])
             self._ready(task.index)
             return
-        exc = future.exception()
-        tb = "".join(traceback.format_tb(future.traceback()))
+        if future.status == "cancelled":
+            exc: BaseException | None = None
+            message = ("cancelled: the task was cancelled outside this run (another client, a scheduler "
+                       "restart, or a lost connection)")
+            tb = ""
+        else:
+            exc = future.exception()
+            tb = "".join(traceback.format_tb(future.traceback()))
+            message = f"{type(exc).__name__}: {exc}"
         future.release()
-        message = f"{type(exc).__name__}: {exc}"
         self.failed_attempts.append({"index": task.index, "attempt": task.attempt, "time": now(),
                                      "error": message[:500], "traceback": tb[-4000:]})
-        if task.attempt <= self.opts.retries:
+        if isinstance(exc, SetupFailed):
+            task.setup_failures += 1
+            self._setup_failed(exc)
+        if task.attempt - task.setup_failures <= self.opts.retries:
             delay = self.opts.retry_delay * 2 ** (task.attempt - 1)
             self.progress.note(f"partition {task.index} failed (attempt {task.attempt}): {message}; "
                                f"retrying in {delay:.0f} s")
             heapq.heappush(self.waiting, (time.monotonic() + delay, task.index, task))
             return
+        self._give_up(task, message)
+
+    def _setup_failed(self, exc: SetupFailed) -> None:
+        """Retire a worker from this run once its op set-up failed :data:`SETUP_ATTEMPTS` times."""
+        if exc.failures < SETUP_ATTEMPTS or exc.worker in self.retired:
+            return
+        self.retired[exc.worker] = {"error": exc.message, "failures": exc.failures, "time": now()}
+        self._window_at = float("-inf")  # re-read the workers now
+        self.progress.note(f"worker {exc.worker} retired from this run: its op set-up failed {exc.failures} "
+                           f"times ({exc.message})")
+        workers = [w for w in self.client.scheduler_info(n_workers=-1)["workers"] if w not in self.retired]
+        if not workers:
+            raise RunError(f"op set-up failed on every worker ({len(self.retired)}): {exc.message}; fix it (a "
+                           "missing model file? a broken GPU?) and run the same command again to resume")
+
+    def _give_up(self, task: PartitionTask, message: str) -> None:
         self.progress.note(f"partition {task.index} failed after {task.attempt} attempts: {message}")
         self.failed[task.index] = message
         rows = task.rows if task.retry_ids is None else task.rows[task.rows["id"].isin(task.retry_ids)]
         error = f"partition: failed after {task.attempt} attempts: {message}"
+        doc = {"error": message, "attempts": task.attempt, "rows": len(task.rows), "time": now()}
         if task.retry_ids is None:
-            self.store.write_part(task.index, failed_partition_table(self.pipeline.outputs, task, error))
-        self.store.mark_failed(task.index, {"error": message, "attempts": task.attempt, "rows": len(task.rows),
-                                            "time": now()})
+            name = attempt_name(task.index, new_token())
+            doc["part"] = self.store.write_part(name, failed_partition_table(self.pipeline.outputs, task, error))
+        else:  # a --retry-errors pass that failed: the partition's earlier rows still stand
+            doc["part"] = self.store.part_file(task.index)
+        self.part_files[task.index] = doc["part"]
+        self.store.mark_failed(task.index, doc)
         self.progress.advance(len(rows), len(rows))
         self._ready(task.index)
 
@@ -444,7 +583,8 @@ class _Runner:
         self.ready.add(index)
         while self.streaming and self.next_out in self.ready:
             try:
-                self.writer.add(self.store.read_part(self.next_out))
+                with self.store.writing("writing the manifest"):
+                    self.writer.add(self.store.read_part_file(self.part_files[self.next_out]))
             except SchemaMismatch as exc:
                 self.progress.note(f"note: partition {self.next_out} changes the manifest's columns ({exc}); "
                                    "the manifest will be assembled at the end")
@@ -471,10 +611,12 @@ class _Runner:
             "pipeline": {"name": self.pipeline.name, "fingerprint": self.pipeline.fingerprint,
                          "steps": self.pipeline.steps()},
             "partitions": self.n_partitions,
+            "rows_hashes": self.hashes,
             "manifest": {"url": self.manifest.url, "format": self.manifest.format, "rows": self.manifest.n_rows,
                          "limit": self.manifest.limit, "columns": self.manifest.columns},
             "options": {"batch_size": self.opts.batch_size, "decode_threads": self.opts.decode_threads,
-                        "retries": self.opts.retries},
+                        "retries": self.opts.retries, "retry_delay": self.opts.retry_delay,
+                        "max_error_rate": self.opts.max_error_rate},
             "cluster": {"spec": self.opts.cluster if isinstance(self.opts.cluster, str) else "client",
                         "scheduler": self.client.scheduler.address if self.client.scheduler else None, **workers},
             "versions": versions(),
@@ -482,19 +624,27 @@ class _Runner:
         }
 
     def _finish(self, run_doc: dict[str, Any], t0: float) -> dict[str, int]:
-        """Assemble the final manifest (failed partitions' rows included, as errors) and run.json."""
-        if self.streaming and self.next_out == len(self.indices):
-            counts = self.writer.commit()
-        else:
-            self.writer.abort()
-            counts = self.store.assemble(self.indices, csv=self.manifest.format == "csv")
+        """Assemble the final manifest (failed partitions' rows included, as errors), collect the files
+        no marker references, and write run.json."""
+        with self.store.writing("writing the manifest"):
+            if self.streaming and self.next_out == self.n_partitions:
+                counts = self.writer.commit()
+            else:
+                self.writer.abort()
+                files = [self.part_files[i] for i in range(self.n_partitions)]
+                counts = self.store.assemble(files, csv=self.manifest.format == "csv")
+        garbage = self.store.collect_garbage()
         seconds = time.perf_counter() - t0
+        rows = counts.get("rows", 0)
         run_doc.update(
             state="incomplete" if self.failed else "complete", finished=now(), seconds=round(seconds, 3),
-            counts={**counts, "partitions": len(self.indices), "computed_partitions": len(self.computed),
+            counts={**counts, "partitions": self.n_partitions, "computed_partitions": len(self.computed),
                     "skipped_partitions": len(self.skipped), "failed_partitions": len(self.failed)},
+            error_rate=round(counts.get("error", 0) / rows, 6) if rows else 0.0,
             failed_partitions={str(k): v for k, v in self.failed.items()},
             failed_attempts=self.failed_attempts,
+            retired_workers=self.retired,
+            garbage={"attempts": len(garbage["attempts"]), "bytes": garbage["bytes"]},
             slurm_jobs={job: sorted(parts) for job, parts in self.slurm_jobs.items()},
             rows_per_second=round((self.progress.done - self.progress.skipped) / seconds, 2) if seconds else None,
         )
@@ -505,3 +655,27 @@ class _Runner:
                            f"(first: partition {first}: {self.failed[first]}); their rows are errors in "
                            f"{self.store.url(MANIFEST)}; run the same command again to retry them")
         return counts
+
+    def _check_error_rate(self, result: RunResult) -> None:
+        """Exit 3 (:class:`TooManyRowErrors`) when more rows failed than ``max_error_rate`` allows."""
+        rows, errors = result.counts.get("rows", 0), result.counts.get("error", 0)
+        if not rows or errors / rows <= self.opts.max_error_rate:
+            return
+        raise TooManyRowErrors(
+            f"{errors:,} of {rows:,} rows failed ({errors / rows:.1%}), more than --max-error-rate "
+            f"{self.opts.max_error_rate:g}; the manifest is written ({result.manifest_path}); the most common "
+            f"errors: {self._common_errors()}. Fix the input (a wrong folder? a missing model?), or raise "
+            "--max-error-rate if this many failures are expected", result)
+
+    def _common_errors(self, n: int = 3) -> str:
+        from collections import Counter
+
+        counter: Counter[str] = Counter()
+        try:
+            with self.store.open(ERRORS_LOG) as fh:
+                for line in fh.read(1 << 20).decode(errors="replace").splitlines():
+                    _, op, text = (line.split("\t", 2) + ["", ""])[:3]
+                    counter[f"{op}: {text.split(': /')[0].split(': ', 1)[0][:80]}"] += 1
+        except OSError:
+            return "(errors.log unreadable)"
+        return "; ".join(f"{what} ({k:,} rows)" for what, k in counter.most_common(n)) or "(none logged)"

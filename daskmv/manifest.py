@@ -8,7 +8,11 @@ null or duplicate ids, or file paths with an unknown URL scheme. Problems that b
 
 Every row gets a stable string ``id``: the ``--id-column`` values, else an ``id`` column already in
 the table, else one derived from the path (its stem plus a hash of the whole path, see
-:func:`derive_id`).
+:func:`derive_id`). Ids and paths are text, whatever they look like: ``007`` stays ``007``.
+
+The pre-flight pass also hashes each row's identity (its id, its path and the other columns the
+pipeline reads), so that a partition's hash says exactly which work it holds: a resumed run recomputes
+a partition whose rows changed, even under the same ids.
 """
 
 from __future__ import annotations
@@ -17,7 +21,6 @@ import hashlib
 import os
 import posixpath
 import re
-import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,9 +34,6 @@ from fsspec.core import split_protocol
 
 from daskmv.errors import ManifestError
 from daskmv.paths import resolve_path
-
-# dask 2026.7 calls a pandas API that pandas 3.1 deprecates; nothing for a user to act on.
-warnings.filterwarnings("ignore", message="The inplace keyword in DataFrame.reset_index")
 
 ID_COLUMN = "id"
 CSV_BLOCKSIZE = "16MB"
@@ -95,7 +95,8 @@ class Manifest:
     limit: int | None = None
     storage_options: dict[str, Any] = field(default_factory=dict)
     n_rows: int | None = None
-    source_lengths: list[int] | None = None
+    row_hashes: np.ndarray | None = None
+    identity_columns: tuple[str, ...] = ()
 
     @property
     def columns(self) -> list[str]:
@@ -133,52 +134,76 @@ class Manifest:
                 remaining -= len(df)
             yield df.reset_index(drop=True)
 
-    def check(self) -> Manifest:
-        """The pre-flight pass: count rows, refuse empty manifests, null/duplicate ids, bad schemes."""
+    def check(self, identity_columns: Sequence[str] = ()) -> Manifest:
+        """The pre-flight pass: count rows, refuse empty manifests, null/duplicate ids, bad schemes; hash
+        each row's identity (key, path and ``identity_columns``: the other columns a pipeline reads)."""
         key = self.key_column
         self.require([key])
         has_paths = self.path_column in self.columns
-        cols = list(dict.fromkeys([key, self.path_column])) if has_paths else [key]
-        lengths: list[int] = []
+        identity = [c for c in identity_columns if c in self.columns]
+        cols = list(dict.fromkeys([key, *([self.path_column] if has_paths else []), *identity]))
+        n_rows = 0
         hashes: list[np.ndarray] = []
+        row_hashes: list[np.ndarray] = []
         schemes: set[str] = set()
         for df in self._source_partitions(cols):
-            lengths.append(len(df))
+            n_rows += len(df)
             if len(df) == 0:
                 continue
             keys = df[key]
             if keys.isna().any():
-                row = int(np.flatnonzero(keys.isna().to_numpy())[0]) + sum(lengths[:-1])
+                row = int(np.flatnonzero(keys.isna().to_numpy())[0]) + n_rows - len(df)
                 raise ManifestError(f"manifest {self.url}: column {key!r} is empty in row {row}")
             hashes.append(_hash_keys(keys))
+            row_hashes.append(_hash_rows(df[cols]))
             if has_paths:
                 schemes |= _schemes_in(df[self.path_column])
-        self.source_lengths = lengths
-        self.n_rows = sum(lengths)
+        self.n_rows = n_rows
         if self.n_rows == 0:
             raise ManifestError(f"manifest {self.url} has no rows")
         for scheme in sorted(schemes):
             check_scheme(f"{scheme}://")
         _refuse_duplicates(self, np.concatenate(hashes))
+        self.row_hashes = np.concatenate(row_hashes)
+        self.identity_columns = tuple(cols)
         return self
 
     def partition_count(self, partition_rows: int) -> int:
         """How many partitions :meth:`partitions` yields (known after :meth:`check`)."""
-        if self.source_lengths is None:
+        if self.n_rows is None:
             raise RuntimeError("call check() first")
-        return sum(-(-n // partition_rows) for n in self.source_lengths)
+        return -(-self.n_rows // partition_rows)
+
+    def partition_hash(self, index: int, partition_rows: int) -> str:
+        """A digest of partition ``index``'s rows (ids, paths, the columns the pipeline reads), so a marker
+        is only trusted for exactly the same work."""
+        if self.row_hashes is None:
+            raise RuntimeError("call check() first")
+        part = self.row_hashes[index * partition_rows : (index + 1) * partition_rows]
+        return hashlib.sha256(part.astype("<u8").tobytes()).hexdigest()[:20]
 
     def partitions(self, partition_rows: int) -> Iterator[pd.DataFrame]:
-        """Yield row chunks of at most ``partition_rows`` rows, each with a string ``id`` column.
+        """Yield row chunks of exactly ``partition_rows`` rows (the last may be shorter), each with a
+        string ``id`` column.
 
-        Chunks never span two source partitions, so the split is the same on every run of the same
-        manifest and a resumed run finds its finished partitions again.
+        Chunk ``k`` is rows ``k * partition_rows`` up to the next chunk, whatever the source's own
+        partitions (many small Parquet row groups are merged, large ones split), so the split is the
+        same on every run of the same manifest and a resumed run finds its finished partitions again.
+        The driver holds at most one chunk and one source partition.
         """
         if partition_rows < 1:
             raise ManifestError("partition_rows must be at least 1")
+        pending: list[pd.DataFrame] = []
+        held = 0
         for df in self._source_partitions():
-            for start in range(0, len(df), partition_rows):
-                yield self.with_ids(df.iloc[start : start + partition_rows].reset_index(drop=True))
+            pending.append(df)
+            held += len(df)
+            while held >= partition_rows:
+                chunk, pending, held = _take(pending, partition_rows)
+                yield self.with_ids(chunk)
+        if held:
+            yield self.with_ids(pd.concat(pending, ignore_index=True) if len(pending) > 1
+                                else pending[0].reset_index(drop=True))
 
     def with_ids(self, df: pd.DataFrame) -> pd.DataFrame:
         """Put a string ``id`` column first: copied from the id column or derived from the path."""
@@ -194,6 +219,27 @@ class Manifest:
     def resolve(self, path: str) -> str:
         """The URL of a row's file: relative paths resolve against the manifest's own folder."""
         return resolve_path(path, self.base)
+
+
+def _take(frames: list[pd.DataFrame], n: int) -> tuple[pd.DataFrame, list[pd.DataFrame], int]:
+    """The first ``n`` rows of ``frames`` as one frame, and what is left (frames and their row count)."""
+    taken, rest, need = [], list(frames), n
+    while need:
+        df = rest.pop(0)
+        if len(df) <= need:
+            taken.append(df)
+            need -= len(df)
+        else:
+            taken.append(df.iloc[:need])
+            rest.insert(0, df.iloc[need:])
+            need = 0
+    chunk = pd.concat(taken, ignore_index=True) if len(taken) > 1 else taken[0].reset_index(drop=True)
+    return chunk, rest, sum(len(df) for df in rest)
+
+
+def _hash_rows(frame: pd.DataFrame) -> np.ndarray:
+    """64-bit hashes of whole rows, every value as text (the same on every read of the same file)."""
+    return pd.util.hash_pandas_object(frame.astype(str), index=False).to_numpy(dtype=np.uint64)
 
 
 def _hash_keys(keys: pd.Series, slice_rows: int = 1 << 16) -> np.ndarray:
@@ -263,7 +309,7 @@ def read_manifest(
         fmt = "parquet"
     if not fmt:
         raise ManifestError(f"manifest {url}: unknown format (expected .csv or .parquet)")
-    ddf = _read_ddf(url, fmt, storage_options)
+    ddf = _read_ddf(url, fmt, storage_options, text_columns=(ID_COLUMN, id_column, path_column))
     if id_column is None and ID_COLUMN in ddf.columns:
         id_column = ID_COLUMN
     if id_column is None and path_column not in ddf.columns:
@@ -294,23 +340,24 @@ def _parent(url: str) -> str:
     return f"{protocol}://{parent}"
 
 
-def _read_ddf(url: str, fmt: str, storage_options: dict[str, Any]) -> dd.DataFrame:
+def _read_ddf(url: str, fmt: str, storage_options: dict[str, Any], text_columns: Sequence[str | None] = ()) -> dd.DataFrame:
     """The manifest as a Dask dataframe, planned in this process (``memory://`` is per process)."""
     try:
         with dask.config.set(scheduler="sync"):
-            return _read_ddf_here(url, fmt, storage_options)
+            return _read_ddf_here(url, fmt, storage_options, [c for c in text_columns if c])
     except ManifestError:
         raise
     except Exception as exc:
         raise ManifestError(f"cannot read manifest {url}: {type(exc).__name__}: {exc}") from None
 
 
-def _read_ddf_here(url: str, fmt: str, storage_options: dict[str, Any]) -> dd.DataFrame:
+def _read_ddf_here(url: str, fmt: str, storage_options: dict[str, Any], text_columns: Sequence[str]) -> dd.DataFrame:
     options = storage_options or None
     if fmt == "parquet":
         # One partition per row group: the driver holds one row group at a time, whatever the file's size.
         return dd.read_parquet(url, storage_options=options, split_row_groups=True)
     lower = url.lower()
     compressed = not lower.endswith((".csv", ".tsv"))  # compressed CSV cannot be split into blocks
+    # ids and paths are text: "007" must not become 7 (nor "007" and "7" duplicates)
     return dd.read_csv(url, blocksize=None if compressed else CSV_BLOCKSIZE, sep="\t" if lower.endswith(".tsv") else ",",
-                       storage_options=options)
+                       storage_options=options, dtype={c: str for c in text_columns})

@@ -7,7 +7,12 @@ This is the one function every cluster runs (:func:`run_partition`). Inside it:
 - ops run on micro-batches; an out-of-memory error halves the batch for that op (remembered by the
   worker process) and retries; any other exception is pinned to the row that raised it;
 - array outputs stream into their Zarr shard as rows finish; then the partition's rows (Parquet) are
-  written, then its completion marker: a marker always means the data is there.
+  written, everything is fsynced, then its completion marker: a marker always means the data is there;
+- every attempt writes under its own token and holds a lease while it runs (see :mod:`daskmv.store`), so
+  two attempts of one partition never overwrite each other's files;
+- what is wrong with a row (a missing or corrupt file, an op that rejects it) becomes that row's error;
+  what is wrong with the machine (an I/O error of a network filesystem, a device error, an op whose set-up
+  fails) fails the partition, which the driver retries elsewhere.
 
 Ops are built and set up once per worker process and kept by :class:`OpCache`, a named, idempotent
 ``WorkerPlugin``.
@@ -15,6 +20,8 @@ Ops are built and set up once per worker process and kept by :class:`OpCache`, a
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
 import socket
@@ -33,13 +40,17 @@ import pyarrow.compute as pc
 from distributed.diagnostics.plugin import WorkerPlugin
 
 from daskmv.arrays import PartitionArray, Sink
-from daskmv.errors import RowError
+from daskmv.errors import RowError, SetupFailed
 from daskmv.paths import resolve_path
-from daskmv.ops.base import Op, Output, Row, is_out_of_memory
+from daskmv.ops.base import Op, Output, Row, is_infrastructure_error, is_out_of_memory
 from daskmv.ops.image import load_inputs
-from daskmv.store import Store, now, partition_name
+from daskmv.store import (LEASE_REFRESH, PARTS, ZARR, Marker, Store, attempt_name, new_token, now,
+                          partition_name, ref_tokens)
 
 PLUGIN_NAME = "daskmv-ops"
+#: A worker whose op set-up failed this many times for one pipeline stops trying (and the driver stops
+#: sending it that pipeline's partitions): a missing model or a broken GPU does not fix itself.
+SETUP_ATTEMPTS = 2
 #: A micro-batch ends at ``batch_size`` rows or once its loaded inputs (decoded images, file bytes) reach
 #: this many bytes: 32 rows of 12-megapixel photos, and every output the ops make of them, would not fit.
 BATCH_BYTES = 256 << 20
@@ -65,6 +76,8 @@ class PartitionTask:
     retry_ids: list[str] | None = None
     attempt: int = 1
     export: str | None = None
+    inputs_hash: str | None = None
+    setup_failures: int = 0
 
 
 @dataclass
@@ -90,6 +103,7 @@ class OpCache(WorkerPlugin):
 
     def setup(self, worker: Any = None) -> None:
         self.entries: dict[str, PreparedPipeline] = {}
+        self.setup_failures: dict[str, list[str]] = {}
         self.lock = threading.Lock()
         if worker is not None:
             _quiet_task_failures()
@@ -99,9 +113,19 @@ class OpCache(WorkerPlugin):
         _empty_device_cache()
 
     def get(self, fingerprint: str, steps: list[dict[str, Any]]) -> PreparedPipeline:
+        """The pipeline set up in this process; a failed set-up raises :class:`SetupFailed` (after
+        :data:`SETUP_ATTEMPTS` failures at once, without trying again)."""
         with self.lock:
-            if fingerprint not in self.entries:
+            if fingerprint in self.entries:
+                return self.entries[fingerprint]
+            failures = self.setup_failures.setdefault(fingerprint, [])
+            if len(failures) >= SETUP_ATTEMPTS:
+                raise SetupFailed(_worker_address() or f"pid {os.getpid()}", len(failures), failures[-1])
+            try:
                 self.entries[fingerprint] = _prepare(steps)
+            except Exception as exc:
+                failures.append(f"{type(exc).__name__}: {exc}"[:1000])
+                raise SetupFailed(_worker_address() or f"pid {os.getpid()}", len(failures), failures[-1]) from exc
             return self.entries[fingerprint]
 
 
@@ -160,12 +184,10 @@ def _prepare(steps: list[dict[str, Any]]) -> PreparedPipeline:
 
 
 def _best_device() -> str:
-    try:
-        import torch
+    """This worker's own GPU (``cuda:<i>``, see :func:`daskmv.cluster.worker_gpu`), else ``cpu``."""
+    from daskmv.cluster import worker_device
 
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    except ImportError:
-        return "cpu"
+    return worker_device()
 
 
 def _empty_device_cache() -> None:
@@ -182,26 +204,61 @@ def run_partition(task: PartitionTask) -> dict[str, Any]:
     started, t0 = now(), time.perf_counter()
     store = Store(task.root, task.storage_options)
     done = store.marker(task.index)
-    if done is not None and (done.fingerprint, done.rows_hash, done.generation) == (
-            task.fingerprint, task.rows_hash, task.generation):
+    if done is not None and done.same_work(task.fingerprint, task.rows_hash) and done.generation >= task.generation:
         # Finished already: the scheduler is re-running a task whose result was lost with a worker
-        # before the driver read it. The marker is the result; never redo finished work.
+        # before the driver read it, or an orphan of an earlier driver finished it. Never redo finished work.
         return {**(done.info or {}), "recovered": True}
     prepared = _op_cache().get(task.fingerprint, task.steps)
+    token = new_token()
+    attempt = attempt_name(task.index, token)
+    lease = store.take_lease(task.index, token, {"host": socket.gethostname(), "pid": os.getpid(),
+                                                 "worker": _worker_address(), "started": started})
+    outputs = [s.name for s in prepared.specs if s.kind == "array"]
+    with _LEASES.keeping(store, lease):
+        try:
+            marker = _run_attempt(prepared, task, store, attempt, token, started, t0)
+            held = store.commit(marker)
+        except BaseException:
+            with contextlib.suppress(Exception):  # best effort: the garbage collector finishes the job
+                store.discard_attempt(task.index, token, outputs)
+            raise
+    if held.token != token:  # another attempt of the same work committed first: ours is garbage
+        with contextlib.suppress(Exception):
+            store.discard_attempt(task.index, token, outputs)
+        return {**(held.info or {}), "recovered": True}
+    with contextlib.suppress(Exception):
+        store.remove(lease)
+    return marker
+
+
+def _run_attempt(prepared: PreparedPipeline, task: PartitionTask, store: Store, attempt: str, token: str,
+                 started: str, t0: float) -> dict[str, Any]:
+    """Compute the partition, write its arrays and rows under ``attempt`` and sync them; return its marker."""
     rows = task.rows
     if task.retry_ids is not None:
         rows = rows[rows["id"].isin(task.retry_ids)].reset_index(drop=True)
-    result = _process_rows(prepared, rows, task, store)
-    table = result_table(prepared.specs, rows, result, store, task)
+    result = _process_rows(prepared, rows, task, store, attempt)
+    table = result_table(prepared.specs, rows, result, store, task, attempt)
     if task.retry_ids is not None:
         table = _merge_retry(store.read_part(task.index), table, task.rows["id"].tolist())
-    store.write_part(task.index, table)
+    for spec in prepared.specs:
+        if spec.kind == "array":
+            store.sync_tree(f"{ZARR}/{spec.name}/{attempt}")
+    part = store.write_part(attempt, table)
+    tokens = {token}
+    for spec in prepared.specs:
+        if spec.kind == "array":
+            tokens |= ref_tokens(table.column(spec.column).to_pylist())
     status = table.column("status").to_pylist()
-    marker = {
+    return {
         "index": task.index,
         "name": partition_name(task.index),
         "fingerprint": task.fingerprint,
         "rows_hash": task.rows_hash,
+        "inputs_hash": task.inputs_hash,
+        "part": part,
+        "token": token,
+        "tokens": sorted(tokens),
         "rows": table.num_rows,
         "ok": status.count("ok"),
         "errors": status.count("error"),
@@ -222,8 +279,41 @@ def run_partition(task: PartitionTask) -> dict[str, Any]:
         "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
         "export": task.export,
     }
-    store.mark_done(marker)
-    return marker
+
+
+class _LeaseKeeper:
+    """Refreshes the leases of this process's running attempts from one background thread."""
+
+    def __init__(self) -> None:
+        self.held: dict[tuple[int, str], tuple[Store, str]] = {}
+        self.lock = threading.Lock()
+        self.thread: threading.Thread | None = None
+
+    @contextlib.contextmanager
+    def keeping(self, store: Store, rel: str) -> Iterator[None]:
+        key = (id(store), rel)
+        with self.lock:
+            self.held[key] = (store, rel)
+            if self.thread is None or not self.thread.is_alive():
+                self.thread = threading.Thread(target=self._run, name="daskmv-lease", daemon=True)
+                self.thread.start()
+        try:
+            yield
+        finally:
+            with self.lock:
+                self.held.pop(key, None)
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(LEASE_REFRESH)
+            with self.lock:
+                held = list(self.held.values())
+            for store, rel in held:
+                with contextlib.suppress(Exception):  # a lost lease only lets a later GC take the files
+                    store.touch(rel)
+
+
+_LEASES = _LeaseKeeper()
 
 
 def _worker_address() -> str | None:
@@ -285,11 +375,11 @@ class RowResults:
             values[i] = None
 
 
-def _process_rows(prepared: PreparedPipeline, rows: pd.DataFrame, task: PartitionTask, store: Store) -> RowResults:
+def _process_rows(prepared: PreparedPipeline, rows: pd.DataFrame, task: PartitionTask, store: Store,
+                  attempt: str) -> RowResults:
     n = len(rows)
     records = rows.to_dict("records")
-    sinks = {s.name: store.array_sink(s.name, task.index, task.generation, s.compression)
-             for s in prepared.specs if s.kind == "array"}
+    sinks = {s.name: store.array_sink(s.name, attempt, s.compression) for s in prepared.specs if s.kind == "array"}
     res = RowResults.empty(prepared.specs, n, len(prepared.ops), sinks)
     exporter = _exporter(prepared, task, store) if task.export else None
     try:
@@ -345,7 +435,7 @@ def _process_batches(prepared: PreparedPipeline, records: list[Row], task: Parti
             elapsed = time.perf_counter() - t
             res.op_seconds[k] += elapsed
             still: list[tuple[int, Row]] = []
-            for (i, row), out in zip(live, outs):
+            for (i, row), out in zip(live, outs, strict=True):
                 res.seconds[i] += elapsed / len(live)
                 checked = out if isinstance(out, BaseException) else _check_outputs(op, out)
                 if isinstance(checked, BaseException):
@@ -385,18 +475,25 @@ def _loaded_batches(
 
 
 def _load_ahead(records: list[Row], wanted: frozenset[str], task: PartitionTask) -> Iterator[tuple[int, Any, float]]:
-    """Rows loaded in order on the loader threads, about two micro-batches ahead of the ops."""
+    """Rows loaded in order on the loader threads, ahead of the ops, within a byte budget from the first row.
+
+    Rows in flight (submitted or loaded, not yet taken by a batch) are bounded by :data:`BATCH_BYTES` at the
+    mean size of the rows loaded so far, and to one per loader thread until the first row is in, when no
+    size is known. With the batch the ops work on (at most ``BATCH_BYTES`` plus a row), loaded rows hold at
+    most about two budgets, whatever the images' size and however slow the ops.
+    """
     pool = _pool(task.decode_threads)
     size = max(1, task.batch_size)
     ahead = size + max(size, 2 * task.decode_threads)
     pending: deque[tuple[int, Any]] = deque()
     todo = iter(range(len(records)))
-    seen = [0, 0]  # rows loaded, their bytes: large images shorten the read-ahead to about two batches
+    seen = [0, 0]  # rows loaded, their bytes
 
     def fill() -> None:
-        limit = ahead
         if seen[0]:
-            limit = min(ahead, max(2 * task.decode_threads, 2 * BATCH_BYTES * seen[0] // max(1, seen[1])))
+            limit = min(ahead, max(1, BATCH_BYTES * seen[0] // max(1, seen[1])))
+        else:
+            limit = max(1, task.decode_threads)
         while len(pending) < limit:
             i = next(todo, None)
             if i is None:
@@ -421,17 +518,20 @@ def _loaded_bytes(loaded: Row | BaseException) -> int:
 
 def _row_url(record: Row, task: PartitionTask) -> str:
     path = record.get(task.path_column)
-    return "" if path is None or path != path else resolve_path(str(path), task.base)
+    return "" if path is None or pd.isna(path) else resolve_path(str(path), task.base)
 
 
 def _load_row(url: str, wanted: frozenset[str], scale: int = 1) -> tuple[Row | BaseException, float]:
+    """A row's loader inputs, or the row's error; an I/O fault of the machine (not of the file) raises."""
     t = time.perf_counter()
     try:
         if not url:
             raise RowError("no file path in this row")
         loaded: Row | BaseException = load_inputs(url, wanted, scale)
-    except Exception as exc:  # every failure to read or decode belongs to this row
-        loaded = exc
+    except Exception as exc:
+        if is_infrastructure_error(exc):
+            raise  # a network filesystem timing out, an unmounted volume: retry the partition, not the row
+        loaded = exc  # a missing, unreadable or corrupt file belongs to this row
     return loaded, time.perf_counter() - t
 
 
@@ -448,10 +548,9 @@ def _apply_batch(prepared: PreparedPipeline, k: int, rows: list[Row], res: RowRe
     op = prepared.ops[k]
     try:
         outs = list(op.process(rows))
-        if len(outs) != len(rows):
-            raise RuntimeError(f"returned {len(outs)} results for {len(rows)} rows")
-        return outs
     except Exception as exc:
+        if is_infrastructure_error(exc):
+            raise  # a device or I/O fault: the partition fails and is retried (elsewhere)
         if is_out_of_memory(exc):
             _empty_device_cache()
             if len(rows) == 1:
@@ -464,6 +563,10 @@ def _apply_batch(prepared: PreparedPipeline, k: int, rows: list[Row], res: RowRe
         if len(rows) == 1:
             return [exc]
         return [out for row in rows for out in _apply_batch(prepared, k, [row], res)]
+    if len(outs) != len(rows):  # never shift results onto other rows' ids
+        raise RuntimeError(f"op {op.name!r} returned {len(outs)} results for {len(rows)} rows: an op must "
+                           "return exactly one output dict (or exception) per row, in order")
+    return outs
 
 
 def _check_outputs(op: Op, out: Any) -> Row | BaseException:
@@ -521,18 +624,50 @@ def _arrow_type(spec: Output) -> pa.DataType:
     return pa.from_numpy_dtype(np.dtype(spec.dtype))
 
 
+def written_columns(specs: Sequence[Output], export: str | None) -> set[str]:
+    """The columns a partition's table gets from the run (everything else passes through from the manifest)."""
+    from daskmv.export import SUFFIX, exported
+
+    files = {spec.name + SUFFIX for spec in exported(specs)} if export else set()
+    return {spec.column for spec in specs} | files | {"status", "error", "seconds"}
+
+
+def inputs_hash(rows: pd.DataFrame) -> str:
+    """A digest of every column of a partition's rows, as text: tells a resumed run that pass-through
+    columns changed (the outputs stay valid; the manifest must carry the new values)."""
+    hashes = pd.util.hash_pandas_object(rows.astype(str), index=False).to_numpy(dtype="<u8")
+    names = "\x1f".join(map(str, rows.columns)).encode()
+    return hashlib.sha256(names + hashes.tobytes()).hexdigest()[:20]
+
+
+def refresh_inputs(store: Store, marker: Marker, rows: pd.DataFrame, specs: Sequence[Output],
+                   export: str | None, digest: str) -> Marker:
+    """Rewrite a finished partition's rows with the manifest's current pass-through columns (its outputs
+    unchanged) as a new part file, and point its marker there."""
+    written = written_columns(specs, export)
+    old = store.read_part_file(marker.part)
+    table = pa.Table.from_pandas(rows[[c for c in rows.columns if c not in written]], preserve_index=False)
+    for name in old.column_names:
+        if name in written:
+            table = table.append_column(name, old.column(name))
+    part = store.write_part(attempt_name(marker.index, new_token()), table)
+    doc = {**(marker.info or {}), "part": part, "inputs_hash": digest, "inputs_refreshed": now()}
+    store.write_json(f"{PARTS}/{partition_name(marker.index)}.json", doc)
+    return Marker.from_json(doc)
+
+
 def result_table(specs: Sequence[Output], rows: pd.DataFrame, res: RowResults, store: Store,
-                 task: PartitionTask) -> pa.Table:
+                 task: PartitionTask, attempt: str = "") -> pa.Table:
     """Input columns, then output columns and references, then status, error and seconds."""
     from daskmv.export import SUFFIX, exported
 
     files = {spec.name for spec in exported(specs)} if task.export else set()
-    written = {spec.column for spec in specs} | {name + SUFFIX for name in files} | {"status", "error", "seconds"}
+    written = written_columns(specs, task.export)
     inputs = rows[[c for c in rows.columns if c not in written]]
     table = pa.Table.from_pandas(inputs, preserve_index=False)
     for spec in specs:
         if spec.kind == "array":
-            refs = store.write_array(spec.name, task.index, task.generation, res.arrays[spec.name], spec.compression)
+            refs = store.write_array(spec.name, attempt, res.arrays[spec.name], spec.compression)
             table = table.append_column(spec.column, pa.array(refs, pa.string()))
             if spec.name in files:
                 paths = res.export_paths.get(spec.name) or [None] * len(rows)

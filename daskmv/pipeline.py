@@ -117,6 +117,15 @@ class Pipeline:
         produced = {out.name for out in self.outputs}
         return frozenset(n for op in self.ops for n in op.input_names() if n in LOADER_INPUTS and n not in produced)
 
+    def column_inputs(self, columns: Sequence[str]) -> list[str]:
+        """The manifest columns the ops read (not made by an earlier op): part of each row's identity."""
+        produced: set[str] = set()
+        found: list[str] = []
+        for op in self.ops:
+            found += [n for n in op.input_names() if n in columns and n not in produced and n not in found]
+            produced |= {out.name for out in op.output_specs()}
+        return found
+
     @property
     def row_bytes(self) -> int:
         """Estimated array output per row (see :meth:`Op.row_bytes`)."""

@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 Mode = Literal["auto", "bar", "notebook", "log", "none"]
+MODES: tuple[str, ...] = ("auto", "bar", "notebook", "log", "none")
 
 
 class RunProgress:
@@ -59,6 +60,11 @@ class RunProgress:
         elif self.mode == "log" and time.monotonic() - self._last_log >= self.log_every:
             self._last_log = time.monotonic()
             self.note(self.line())
+
+    def skip(self, rows: int, errors: int = 0) -> None:
+        """Rows finished by an earlier run (a resume): counted as done, but not in this run's rate."""
+        self.skipped += rows
+        self.advance(rows, errors)
 
     @property
     def rate(self) -> float:

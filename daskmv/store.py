@@ -7,26 +7,38 @@ out/
   manifest.parquet   input columns + output columns + <array>_path references + status, error, seconds
   manifest.csv       its twin, when the input manifest was CSV
   errors.log         one line per failed row: id <TAB> op <TAB> message
-  outputs.zarr/<output>/p000012      one array per output per partition (sharded: one file)
-  parts/p000012.parquet              a partition's finished rows
-  parts/p000012.json                 its completion marker, written after the rows and arrays
-  parts/p000012.failed.json          a partition given up on after its retries
+  outputs.zarr/<output>/p000012-3fa9c1d20b7e   one array per output per partition *attempt* (one shard file)
+  parts/p000012-3fa9c1d20b7e.parquet           that attempt's rows
+  parts/p000012-3fa9c1d20b7e.lease             present while the attempt runs (refreshed, see LEASE_TIMEOUT)
+  parts/p000012.json                           the partition's marker: the one commit point
+  parts/p000012.failed.json                    a partition given up on after its retries
 ```
 
-Write, then mark: a marker always means the arrays and the rows are there. Names come from partition
-numbers, never from ids or paths in the manifest, so nothing is written outside the root. An array
-reference is ``outputs.zarr/<output>/p000012#5`` (row 5 of that array), relative to the manifest.
+Every execution of a partition (an *attempt*) writes under its own random token, so two attempts of one
+partition (an orphan task left by a crashed driver, a task the scheduler re-ran, a ``--retry-errors`` pass)
+never touch each other's files. The marker names the part and the tokens whose arrays that part
+references; it is written last, with write-then-rename and fsync, and only when no attempt of the same
+work committed first. Files of attempts no marker references are garbage: :meth:`Store.collect_garbage`
+removes them once their lease has gone stale (at the end of every run, and with ``daskmv status --gc``).
+
+Names come from partition numbers and tokens, never from ids or paths in the manifest, so nothing is
+written outside the root. An array reference is ``outputs.zarr/<output>/p000012-<token>#5`` (row 5 of that
+array), relative to the manifest.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
+import errno
 import json
 import os
+import re
 import socket
+import time
 import uuid
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
@@ -35,7 +47,7 @@ import zarr
 from fsspec.core import url_to_fs
 
 from daskmv.arrays import PartitionArray, Sink, write_partition_array
-from daskmv.errors import StoreError
+from daskmv.errors import OutputRootError, StoreError
 
 RUN_JSON = "run.json"
 LOCK = "run.lock"
@@ -46,32 +58,71 @@ ZARR = "outputs.zarr"
 PARTS = "parts"
 #: Files and folders daskmv owns in a root; ``--overwrite`` removes these and nothing else.
 OWNED = (RUN_JSON, MANIFEST, MANIFEST_CSV, ERRORS_LOG, ZARR, PARTS, "report.html", "png", "preview.png")
+#: The layout of partition files (attempt tokens, leases); roots of another layout are not resumed.
+LAYOUT = 2
+#: An attempt's lease is refreshed every LEASE_REFRESH seconds while it runs; one untouched for
+#: LEASE_TIMEOUT seconds belongs to an attempt that died, and its files may be collected.
+LEASE_REFRESH = 30.0
+LEASE_TIMEOUT = 300.0
+_ATTEMPT = re.compile(r"^p(\d{6,})-([0-9a-f]{12})$")
 
 
 def now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="milliseconds")
 
 
-def partition_name(index: int, generation: int = 0) -> str:
-    """``p000012``, or ``p000012-r1`` for the arrays of a ``--retry-errors`` pass."""
-    return f"p{index:06d}" + (f"-r{generation}" if generation else "")
+def partition_name(index: int) -> str:
+    """``p000012``: the partition's marker and export folder."""
+    return f"p{index:06d}"
 
 
-def array_ref(output: str, index: int, generation: int, row: int) -> str:
-    return f"{ZARR}/{output}/{partition_name(index, generation)}#{row}"
+def new_token() -> str:
+    """A fresh attempt token: 12 random hex digits."""
+    return uuid.uuid4().hex[:12]
+
+
+def attempt_name(index: int, token: str) -> str:
+    """``p000012-3fa9c1d20b7e``: the files of one attempt of partition 12."""
+    return f"{partition_name(index)}-{token}"
+
+
+def parse_attempt(name: str) -> tuple[int, str] | None:
+    """(index, token) of an attempt's file or folder name (suffix dropped), None for other names."""
+    stem = name.split(".", 1)[0]
+    match = _ATTEMPT.match(stem)
+    return (int(match.group(1)), match.group(2)) if match else None
+
+
+def array_ref(output: str, attempt: str, row: int) -> str:
+    return f"{ZARR}/{output}/{attempt}#{row}"
 
 
 def parse_ref(ref: str) -> tuple[str, int]:
-    """Split ``outputs.zarr/x/p000001#5`` into the array path and the row."""
+    """Split ``outputs.zarr/x/p000001-<token>#5`` into the array path and the row."""
     path, sep, row = ref.rpartition("#")
     if not sep or not row.isdigit():
         raise ValueError(f"not an array reference: {ref!r}")
     return path, int(row)
 
 
+def ref_tokens(refs: Sequence[str | None]) -> set[str]:
+    """The attempt tokens whose arrays these references point into."""
+    found = set()
+    for ref in refs:
+        if ref:
+            parsed = parse_attempt(ref.rpartition("#")[0].rsplit("/", 1)[-1])
+            if parsed:
+                found.add(parsed[1])
+    return found
+
+
 @dataclass
 class Marker:
-    """A finished partition, as recorded in ``parts/pNNNNNN.json``."""
+    """A finished partition, as recorded in ``parts/pNNNNNN.json``.
+
+    ``part`` is the file of its rows; ``tokens`` every attempt whose arrays those rows reference (more
+    than one after ``--retry-errors``). ``inputs_hash`` covers the rows' pass-through columns.
+    """
 
     index: int
     fingerprint: str
@@ -79,13 +130,21 @@ class Marker:
     rows: int
     ok: int
     errors: int
+    part: str = ""
+    token: str = ""
+    tokens: list[str] = field(default_factory=list)
     generation: int = 0
+    inputs_hash: str | None = None
     info: dict[str, Any] | None = None
 
     @classmethod
     def from_json(cls, doc: dict[str, Any]) -> Marker:
-        keys = ("index", "fingerprint", "rows_hash", "rows", "ok", "errors", "generation")
+        keys = ("index", "fingerprint", "rows_hash", "rows", "ok", "errors", "part", "token", "tokens",
+                "generation", "inputs_hash")
         return cls(**{k: doc[k] for k in keys if k in doc}, info=doc)
+
+    def same_work(self, fingerprint: str, rows_hash: str) -> bool:
+        return (self.fingerprint, self.rows_hash) == (fingerprint, rows_hash)
 
 
 class Store:
@@ -115,25 +174,71 @@ class Store:
     def exists(self, *parts: str) -> bool:
         return self.fs.exists(self._p(*parts))
 
-    def write_bytes(self, rel: str, data: bytes) -> None:
-        """Write-then-rename, so a reader never sees half a file (atomic on local disks)."""
+    @contextlib.contextmanager
+    def writing(self, what: str = "") -> Iterator[None]:
+        """Turn an OSError from the root's filesystem into an :class:`OutputRootError` that names it.
+
+        Network errors (``TimeoutError``, ``ConnectionError``) pass through: they are not the root's.
+        """
+        try:
+            yield
+        except OutputRootError:
+            raise
+        except (TimeoutError, ConnectionError):
+            raise
+        except OSError as exc:
+            raise OutputRootError.of(self.root, exc, what) from None
+
+    def write_bytes(self, rel: str, data: bytes, sync: bool = True) -> None:
+        """Write-then-rename, so a reader never sees half a file (atomic on local disks).
+
+        On local disks the data is fsynced before the rename and the folder after it (``sync``), so a
+        file that exists after a crash holds all its bytes.
+        """
         final = self._p(rel)
         tmp = self._p(f"{rel}.tmp-{uuid.uuid4().hex[:8]}")
-        self.fs.makedirs(self._p(*rel.split("/")[:-1]) if "/" in rel else self.path, exist_ok=True)
-        try:
-            if self.local:
-                with open(tmp, "wb") as fh:
-                    fh.write(data)
-                os.replace(tmp, final)
-            else:
-                self.fs.pipe_file(tmp, data)
-                self.fs.mv(tmp, final)
-        except BaseException:  # a full disk, say: leave no half-written file behind
+        with self.writing(f"writing {rel}"):
+            self.fs.makedirs(self._p(*rel.split("/")[:-1]) if "/" in rel else self.path, exist_ok=True)
             try:
-                self.fs.rm(tmp)
-            except (OSError, FileNotFoundError):
-                pass
-            raise
+                if self.local:
+                    _write_synced(tmp, data, sync)
+                    os.replace(tmp, final)
+                    if sync:
+                        fsync_dir(os.path.dirname(final))
+                else:
+                    self.fs.pipe_file(tmp, data)
+                    self.fs.mv(tmp, final)
+            except BaseException:  # a full disk, say: leave no half-written file behind
+                try:
+                    self.fs.rm(tmp)
+                except (OSError, FileNotFoundError):
+                    pass
+                raise
+
+    def create_exclusive(self, rel: str, data: bytes) -> bool:
+        """Publish ``rel`` only if it does not exist yet; False when another writer got there first.
+
+        Atomic on local disks (a hard link never replaces); elsewhere a check, then write-then-rename.
+        """
+        if not self.local:
+            if self.exists(rel):
+                return False
+            self.write_bytes(rel, data)
+            return True
+        final = self._p(rel)
+        tmp = self._p(f"{rel}.tmp-{uuid.uuid4().hex[:8]}")
+        with self.writing(f"writing {rel}"):
+            os.makedirs(os.path.dirname(final), exist_ok=True)
+            try:
+                _write_synced(tmp, data, True)
+                os.link(tmp, final)
+                fsync_dir(os.path.dirname(final))
+                return True
+            except FileExistsError:
+                return False
+            finally:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp)
 
     def write_json(self, rel: str, doc: Any) -> None:
         self.write_bytes(rel, json.dumps(doc, indent=1, default=str).encode())
@@ -147,13 +252,27 @@ class Store:
             raise StoreError(f"{self.url(rel)} is not valid JSON ({exc}); remove it or use --overwrite") from None
 
     def remove(self, rel: str) -> None:
-        if self.exists(rel):
-            self.fs.rm(self._p(rel), recursive=True)
+        with self.writing(f"removing {rel}"):
+            if self.exists(rel):
+                self.fs.rm(self._p(rel), recursive=True)
+
+    def sync_tree(self, rel: str) -> None:
+        """fsync every file and folder under ``rel`` (local roots): what a marker vouches for is on disk."""
+        if not self.local:
+            return
+        top = self._p(rel)
+        with self.writing(f"syncing {rel}"):
+            for folder, _, files in os.walk(top):
+                for name in files:
+                    fsync_path(os.path.join(folder, name))
+                fsync_dir(folder)
+            fsync_dir(os.path.dirname(top))
 
     # -- the run's lock and identity ---------------------------------------------------------------
     def acquire_lock(self) -> None:
         """Refuse a second concurrent run; take over a lock left by a dead process on this host."""
-        self.fs.makedirs(self.path, exist_ok=True)
+        with self.writing("creating the root"):
+            self.fs.makedirs(self.path, exist_ok=True)
         me = {"host": socket.gethostname(), "pid": os.getpid(), "started": now()}
         held = self.read_json(LOCK)
         if held is not None and not _lock_is_stale(held):
@@ -166,6 +285,8 @@ class Store:
                 fd = os.open(self._p(LOCK), os.O_CREAT | os.O_EXCL | os.O_WRONLY)
             except FileExistsError:
                 raise StoreError(f"output root {self.root} was just locked by another run") from None
+            except OSError as exc:
+                raise OutputRootError.of(self.root, exc, "locking") from None
             with os.fdopen(fd, "w") as fh:
                 json.dump(me, fh)
         else:
@@ -191,6 +312,10 @@ class Store:
                 raise StoreError(f"{self.root} holds outputs but no {RUN_JSON}; use --overwrite or another --out")
             return None
         old = previous.get("binding", {})
+        if old.get("layout") != binding.get("layout"):
+            raise StoreError(f"output root {self.root} was made by another version of daskmv (partition layout "
+                             f"{old.get('layout', 1)}, now {binding.get('layout')}); use another --out, or "
+                             "--overwrite to replace it")
         diffs = [k for k in binding if k in old and old[k] != binding[k]]
         if diffs:
             lines = "; ".join(f"{k}: {old[k]!r} there, {binding[k]!r} now" for k in diffs)
@@ -226,43 +351,175 @@ class Store:
         return out
 
     def _part_files(self, suffix: str) -> list[str]:
-        try:
-            names = [p.rsplit("/", 1)[-1] for p in self.fs.ls(self._p(PARTS), detail=False)]
-        except FileNotFoundError:
-            return []
+        names = self._listing(PARTS)
         if suffix == ".json":
             return sorted(n for n in names if n.endswith(".json") and not n.endswith(".failed.json"))
         return sorted(n for n in names if n.endswith(suffix))
 
-    def write_part(self, index: int, table: pa.Table) -> None:
+    def _listing(self, rel: str) -> list[str]:
+        try:
+            return [p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(self._p(rel), detail=False)]
+        except FileNotFoundError:
+            return []
+
+    def write_part(self, name: str, table: pa.Table) -> str:
+        """Write a partition attempt's rows as ``parts/<name>.parquet``; return the file's name."""
         sink = pa.BufferOutputStream()
         pq.write_table(table, sink, compression="zstd")
-        self.write_bytes(f"{PARTS}/{partition_name(index)}.parquet", sink.getvalue().to_pybytes())
+        file = f"{name}.parquet"
+        self.write_bytes(f"{PARTS}/{file}", sink.getvalue().to_pybytes())
+        return file
 
-    def read_part(self, index: int) -> pa.Table:
-        with self.fs.open(self._p(PARTS, f"{partition_name(index)}.parquet"), "rb") as fh:
+    def read_part_file(self, file: str) -> pa.Table:
+        with self.fs.open(self._p(PARTS, file), "rb") as fh:
             return pq.read_table(fh)
 
-    def _part_schema(self, index: int) -> pa.Schema:
-        with self.fs.open(self._p(PARTS, f"{partition_name(index)}.parquet"), "rb") as fh:
+    def part_file(self, index: int) -> str | None:
+        """The file holding partition ``index``'s rows: its marker's part, else its failure record's."""
+        marker = self.marker(index)
+        if marker is not None:
+            return marker.part or None
+        failed = self.read_json(f"{PARTS}/{partition_name(index)}.failed.json")
+        return None if failed is None else failed.get("part")
+
+    def read_part(self, index: int) -> pa.Table:
+        """Partition ``index``'s rows, as its marker (or failure record) names them."""
+        file = self.part_file(index)
+        if file is None:
+            raise StoreError(f"partition {index} of {self.root} has no rows yet")
+        return self.read_part_file(file)
+
+    def _part_schema(self, file: str) -> pa.Schema:
+        with self.fs.open(self._p(PARTS, file), "rb") as fh:
             return pq.read_schema(fh)
 
-    def mark_done(self, marker: dict[str, Any]) -> None:
-        """The last write of a partition: after this, the partition counts as finished."""
-        self.write_json(f"{PARTS}/{partition_name(marker['index'])}.json", marker)
-        self.remove(f"{PARTS}/{partition_name(marker['index'])}.failed.json")
+    def commit(self, marker: dict[str, Any]) -> Marker:
+        """Publish a partition attempt's marker, the last write of a partition; return the marker that holds.
+
+        The first attempt of a piece of work (fingerprint, rows, generation) to commit wins: a later one
+        finds its marker and returns it without replacing it (its own files are then garbage). A marker of
+        other work (other rows, an older ``--retry-errors`` generation) is replaced. An attempt whose lease
+        was collected meanwhile (it was taken for dead) never commits.
+        """
+        rel = f"{PARTS}/{partition_name(marker['index'])}.json"
+        data = json.dumps(marker, indent=1, default=str).encode()
+        for _ in range(3):
+            held = self.marker(marker["index"])
+            if held is not None and self._holds(held, marker):
+                return held
+            if not self.exists(PARTS, f"{attempt_name(marker['index'], marker['token'])}.lease"):
+                raise AttemptCollected(f"partition {marker['index']}: this attempt's files were collected as "
+                                       "garbage while it ran (its lease went stale); it is retried")
+            if held is None:
+                if not self.create_exclusive(rel, data):
+                    continue  # another attempt committed just now: look again
+            else:
+                self.write_bytes(rel, data)
+            self.remove(f"{PARTS}/{partition_name(marker['index'])}.failed.json")
+            return Marker.from_json(marker)
+        raise StoreError(f"partition {marker['index']}: its marker keeps changing under this attempt")
+
+    @staticmethod
+    def _holds(held: Marker, marker: dict[str, Any]) -> bool:
+        """Whether a committed marker already stands for the work ``marker`` describes (or newer)."""
+        return held.same_work(marker["fingerprint"], marker["rows_hash"]) and held.generation >= marker["generation"]
 
     def mark_failed(self, index: int, doc: dict[str, Any]) -> None:
         self.write_json(f"{PARTS}/{partition_name(index)}.failed.json", {"index": index, **doc})
 
+    # -- leases and garbage ------------------------------------------------------------------------
+    def take_lease(self, index: int, token: str, info: dict[str, Any]) -> str:
+        """Announce a running attempt (``parts/<attempt>.lease``); return its path inside the root."""
+        rel = f"{PARTS}/{attempt_name(index, token)}.lease"
+        self.write_bytes(rel, json.dumps({"index": index, "token": token, **info}).encode(), sync=False)
+        return rel
+
+    def touch(self, rel: str) -> None:
+        """Refresh a lease's modification time."""
+        if self.local:
+            os.utime(self._p(rel))
+        else:
+            self.fs.pipe_file(self._p(rel), self.fs.cat_file(self._p(rel)))
+
+    def discard_attempt(self, index: int, token: str, outputs: Sequence[str]) -> None:
+        """Remove an attempt's files: its lease first (so nothing takes it for running), then the rest."""
+        name = attempt_name(index, token)
+        self.remove(f"{PARTS}/{name}.lease")
+        for output in outputs:
+            self.remove(f"{ZARR}/{output}/{name}")
+        self.remove(f"{PARTS}/{name}.parquet")
+
+    def collect_garbage(self, lease_timeout: float = LEASE_TIMEOUT) -> dict[str, Any]:
+        """Remove the files of attempts that no marker references and whose lease is gone or stale.
+
+        An attempt still running keeps its lease fresh, so its files are left alone; a finished attempt
+        that lost the race to commit, a failed one, and one killed mid-write are removed. Returns what was
+        removed: attempts, files and bytes.
+        """
+        keep: set[tuple[int, str]] = set()
+        keep_parts: set[str] = set()
+        for marker in self.markers().values():
+            keep |= {(marker.index, t) for t in marker.tokens or [marker.token]}
+            keep_parts.add(marker.part)
+        for doc in self.failures().values():
+            keep_parts.add(doc.get("part") or "")
+        found: dict[tuple[int, str], list[str]] = {}
+        for name in self._listing(PARTS):
+            parsed = parse_attempt(name)
+            if parsed and not name.endswith(".lease") and name not in keep_parts:
+                found.setdefault(parsed, []).append(f"{PARTS}/{name}")
+        for output in self._listing(ZARR):
+            if output.startswith(".") or output == "zarr.json":
+                continue
+            for name in self._listing(f"{ZARR}/{output}"):
+                parsed = parse_attempt(name)
+                if parsed and parsed not in keep:
+                    found.setdefault(parsed, []).append(f"{ZARR}/{output}/{name}")
+        leases = {parse_attempt(n): n for n in self._listing(PARTS) if n.endswith(".lease")}
+        removed, size = [], 0
+        for attempt, paths in sorted(found.items()):
+            lease = leases.pop(attempt, None)
+            if lease is not None and self._lease_age(f"{PARTS}/{lease}") < lease_timeout:
+                continue  # a running attempt: its files are not garbage (yet)
+            if lease is not None:
+                self.remove(f"{PARTS}/{lease}")
+            for rel in paths:
+                size += self._size(rel)
+                self.remove(rel)
+            removed.append(attempt_name(*attempt))
+        for attempt, lease in leases.items():  # leases of attempts that left no files
+            if attempt not in keep and self._lease_age(f"{PARTS}/{lease}") >= lease_timeout:
+                self.remove(f"{PARTS}/{lease}")
+        return {"attempts": removed, "bytes": size}
+
+    def _lease_age(self, rel: str) -> float:
+        try:
+            info = self.fs.info(self._p(rel))
+        except FileNotFoundError:
+            return float("inf")
+        mtime = info.get("mtime") or info.get("LastModified") or info.get("last_modified")
+        if isinstance(mtime, _dt.datetime):
+            mtime = mtime.timestamp()
+        return time.time() - float(mtime) if mtime is not None else float("inf")
+
+    def _size(self, rel: str) -> int:
+        try:
+            return int(self.fs.du(self._p(rel), total=True))
+        except (OSError, FileNotFoundError):
+            return 0
+
     def status(self) -> dict[str, Any]:
-        """Done / failed / pending rows and partitions, from the files alone (works mid-run or after a kill)."""
+        """Done / failed / pending rows and partitions, from the files alone (works mid-run or after a kill).
+
+        A marker counts when it is this run's: same fingerprint and, where the run recorded them, the same
+        rows (a marker left from an earlier manifest's rows is pending work, not done).
+        """
         run = self.read_json(RUN_JSON)
         if run is None:
             raise StoreError(f"{self.root} is not a daskmv output root (no {RUN_JSON})")
         fingerprint = run["binding"]["fingerprint"]
         n_parts = int(run.get("partitions") or 0)
-        done = {i: m for i, m in self.markers().items() if m.fingerprint == fingerprint and i < n_parts}
+        done = {i: m for i, m in self.markers().items() if counts_for(run, m)}
         failed = {i: f for i, f in self.failures().items() if i not in done and i < n_parts}
         total = int(run["manifest"]["rows"] or 0)
         done_rows = sum(m.rows for m in done.values())
@@ -292,14 +549,15 @@ class Store:
     # -- arrays ------------------------------------------------------------------------------------
     def prepare_arrays(self, outputs: Sequence[str]) -> None:
         """Create the Zarr groups once, in the driver, so tasks never race on shared metadata."""
-        root = zarr.open_group(self.url(ZARR), mode="a", storage_options=self._zarr_options())
-        for name in outputs:
-            if name not in root:
-                root.create_group(name)
+        with self.writing("creating outputs.zarr"):
+            root = zarr.open_group(self.url(ZARR), mode="a", storage_options=self._zarr_options())
+            for name in outputs:
+                if name not in root:
+                    root.create_group(name)
 
-    def write_array(self, output: str, index: int, generation: int, array: PartitionArray,
+    def write_array(self, output: str, attempt: str, array: PartitionArray,
                     compression: str | None = None) -> list[str | None]:
-        """Write one partition's values of one output; return each row's reference (None: no value).
+        """Write one attempt's values of one output; return each row's reference (None: no value).
 
         Same-shaped values become one ``[rows, ...]`` array whose rows are inner chunks of a single
         shard (one file, one row readable alone). Values of different shapes are stored ragged: a
@@ -308,24 +566,24 @@ class Store:
         if not array:
             array.discard()
             if array.stream is not None or array.ragged is not None:
-                self.remove(f"{ZARR}/{output}/{partition_name(index, generation)}")
+                self.remove(f"{ZARR}/{output}/{attempt}")
             return [None] * array.n
-        url = self.url(ZARR, output, partition_name(index, generation))
+        url = self.url(ZARR, output, attempt)
         write_partition_array(url, array, self._zarr_options(), compression, fs=self.fs if self.local else None)
-        return [array_ref(output, index, generation, i) if p else None for i, p in enumerate(array.present)]
+        return [array_ref(output, attempt, i) if p else None for i, p in enumerate(array.present)]
 
-    def array_sink(self, output: str, index: int, generation: int, compression: str | None) -> Sink | None:
+    def array_sink(self, output: str, attempt: str, compression: str | None) -> Sink | None:
         """Where a partition array can stream as rows finish: local roots, raw or zstd-compressed outputs."""
         if not self.local or compression not in (None, "zstd"):
             return None
-        return Sink(self.fs, self.url(ZARR, output, partition_name(index, generation)), compression=compression)
+        return Sink(self.fs, self.url(ZARR, output, attempt), compression=compression)
 
     def _zarr_options(self) -> dict[str, Any] | None:
         return None if self.local else (self.storage_options or None)
 
     # -- the final manifest ------------------------------------------------------------------------
-    def assemble(self, indices: Sequence[int], csv: bool) -> dict[str, int]:
-        """Concatenate the parts of ``indices`` (in order) into the final manifest and errors.log.
+    def assemble(self, files: Sequence[str], csv: bool) -> dict[str, int]:
+        """Concatenate the part ``files`` (in order) into the final manifest and errors.log.
 
         Streams one part at a time, so memory stays at one partition whatever the manifest's size.
         The engine normally appends parts while the run goes (:class:`ManifestWriter`); this two-pass
@@ -333,12 +591,59 @@ class Store:
         """
         from daskmv.assemble import ManifestWriter
 
-        schemas = [self._part_schema(i) for i in indices]
+        schemas = [self._part_schema(f) for f in files]
         schema = pa.unify_schemas(schemas, promote_options="permissive") if schemas else None
         writer = ManifestWriter(self, csv, schema)
-        for index in indices:
-            writer.add(self.read_part(index))
+        for file in files:
+            writer.add(self.read_part_file(file))
         return writer.commit()
+
+
+def counts_for(run: dict[str, Any], marker: Marker) -> bool:
+    """Whether ``marker`` is part of the run ``run.json`` describes: same pipeline and, where the run
+    recorded them, the same rows (a marker left by an earlier manifest's rows is pending work)."""
+    hashes = run.get("rows_hashes") or []
+    index = marker.index
+    if marker.fingerprint != run["binding"]["fingerprint"] or index >= int(run.get("partitions") or 0):
+        return False
+    return index >= len(hashes) or hashes[index] == marker.rows_hash
+
+
+class AttemptCollected(RuntimeError):
+    """An attempt found its lease gone at commit time: its files were collected; it must not commit."""
+
+
+def _write_synced(path: str, data: bytes, sync: bool) -> None:
+    with open(path, "wb") as fh:
+        fh.write(data)
+        if sync:
+            fh.flush()
+            os.fsync(fh.fileno())
+
+
+def fsync_path(path: str) -> None:
+    """fsync one file's data to disk (local files)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: str) -> None:
+    """fsync a folder, so the names created or renamed in it survive a crash."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except FileNotFoundError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError as exc:  # some filesystems refuse fsync on folders; the data itself was synced
+        if exc.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
+            raise
+    finally:
+        os.close(fd)
+
 
 def _lock_is_stale(held: dict[str, Any]) -> bool:
     """A lock is stale when its process is gone; only checkable for locks taken on this host."""
@@ -350,4 +655,3 @@ def _lock_is_stale(held: dict[str, Any]) -> bool:
         return not psutil.pid_exists(int(held.get("pid", -1)))
     except (ValueError, TypeError):
         return True
-

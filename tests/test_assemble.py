@@ -42,9 +42,8 @@ def test_a_part_with_new_columns_is_refused_and_assemble_unifies(tmp_path):
         writer.add(second)
     writer.abort()
     assert list((tmp_path / "out").iterdir()) == []
-    store.write_part(0, first)
-    store.write_part(1, second)
-    store.assemble([0, 1], csv=False)
+    files = [store.write_part("p000000-000000000000", first), store.write_part("p000001-000000000001", second)]
+    store.assemble(files, csv=False)
     frame = pd.read_parquet(tmp_path / "out" / "manifest.parquet")
     assert frame["y"].isna().tolist() == [True, False] and frame["y"][1] == "new" and frame["x"].tolist() == [1, 2]
 

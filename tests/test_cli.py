@@ -74,7 +74,7 @@ def write_csv(tmp_path, frame, name="m.csv"):
         (pd.DataFrame({"path": ["bogus://x/a.jpg"]}), [], "unknown URL scheme"),
         (pd.DataFrame({"path": ["a.jpg"]}), ["--pipeline", "resize,nope"], "unknown op 'nope'"),
         (pd.DataFrame({"path": ["a.jpg"]}), ["--pipeline", "testops:Flaky"], "needs input 'label'"),
-        (pd.DataFrame({"path": ["a.jpg"]}), ["--limit", "0"], "--limit must be at least 1"),
+        (pd.DataFrame({"path": ["a.jpg"]}), ["--limit", "0"], "--limit 0: must be a whole number of at least 1"),
     ],
 )
 def test_bad_input_exits_2_with_one_line(tmp_path, frame, args, message):

@@ -105,6 +105,27 @@ def test_a_cancelled_worker_job_is_replaced_and_nothing_is_lost(slurm, dataset, 
     assert all(after[i] == started for i, started in before.items())  # finished partitions stayed finished
 
 
+def test_slurm_with_no_site_keys_sizes_its_jobs_from_sinfo(slurm, dataset, tmp_path):
+    """`--cluster slurm`, no profile, and no cores, memory, processes or partition anywhere: one job is the
+    default partition's smallest node, as sinfo says, and the run says so and completes inside the jobs."""
+    config = tmp_path / "no-sizes.yaml"
+    keys = {k: v for k, v in SLURM_SITE["cluster_kwargs"].items() if k not in ("cores", "processes", "memory", "queue")}
+    config.write_text(yaml.safe_dump({"retry_delay": 0.2, "cluster_kwargs": {**keys, "log_directory": str(tmp_path)}}))
+    sinfo = subprocess.run(["sinfo", "-h", "-N", "-o", "%c %m"], capture_output=True, text=True, check=True).stdout
+    cpus, mem_mb = min(int(line.split()[0]) for line in sinfo.splitlines()), min(int(line.split()[1]) for line in sinfo.splitlines())
+    out = tmp_path / "out"
+    proc = subprocess.run([*DASKMV, "run", str(dataset / "manifest.csv"), "--pipeline", "decode,resize", "--out", str(out),
+                           "--cluster", "slurm", "--workers", "1", "--config", str(config), "--progress", "log"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    chosen = f"cores={cpus}, processes={cpus}, memory={mem_mb // 1024}GiB per job, from sinfo"
+    assert chosen in proc.stderr and "partition debug" in proc.stderr, proc.stderr
+    frame = pd.read_parquet(out / "manifest.parquet")
+    assert len(frame) == N_GOOD + 4 and (frame["status"] == "ok").sum() == N_GOOD
+    jobs = {m["slurm_job_id"] for m in markers(out)}
+    assert jobs and None not in jobs and all(j.isdigit() for j in jobs)
+
+
 def test_slurm_profile_errors_are_clear(slurm, dataset, tmp_path):
     proc = subprocess.run([*DASKMV, "run", str(dataset / "manifest.csv"), "--pipeline", "resize", "--out",
                            str(tmp_path / "o"), "--cluster", "slurm:no-such-profile", "--progress", "none"],
@@ -136,7 +157,7 @@ def test_full_disk_is_a_clear_error_and_leaves_no_marker_without_its_data(datase
     done = markers(out)
     assert done, f"some partitions should fit before the disk fills: {proc.stderr}"
     for marker in done:  # write, then mark: every marker's rows and arrays are there and readable
-        part = pd.read_parquet(out / "parts" / f"p{marker['index']:06d}.parquet")
+        part = pd.read_parquet(out / "parts" / marker["part"])
         assert len(part) == marker["rows"]
         for _, row in part[part["status"] == "ok"].iterrows():
             ref = row["resized_path"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import os
 import shutil
 from pathlib import Path
@@ -74,9 +75,14 @@ def test_output_root_layout(finished, dataset):
     assert top == ["errors.log", "manifest.csv", "manifest.parquet", "outputs.zarr", "parts", "run.json"]
     n_parts = -(-(N_GOOD + len(BAD_FILES)) // 32)
     parts = sorted(p.name for p in (out / "parts").iterdir())
-    assert parts == sorted([f"p{i:06d}.parquet" for i in range(n_parts)] + [f"p{i:06d}.json" for i in range(n_parts)])
+    markers = [json.loads((out / "parts" / f"p{i:06d}.json").read_text()) for i in range(n_parts)]
+    # one marker per partition, naming its attempt's rows; each attempt's files carry its own token
+    attempts = [f"p{i:06d}-{m['token']}" for i, m in enumerate(markers)]
+    assert all(re.fullmatch(r"p\d{6}-[0-9a-f]{12}", a) for a in attempts) and len(set(attempts)) == n_parts
+    assert [m["part"] for m in markers] == [f"{a}.parquet" for a in attempts]
+    assert parts == sorted([f"{a}.parquet" for a in attempts] + [f"p{i:06d}.json" for i in range(n_parts)])
     arrays = sorted(p.name for p in (out / "outputs.zarr" / "resized").iterdir() if p.is_dir())
-    assert arrays == [f"p{i:06d}" for i in range(n_parts)]
+    assert arrays == attempts  # no lease, no temporary file, no array of another attempt is left
     # Files grow with partitions, not rows: one data file per partition array.
     chunk_files = [f for f in (out / "outputs.zarr" / "resized").rglob("*") if f.is_file() and f.name != "zarr.json"]
     assert len(chunk_files) == n_parts
@@ -164,7 +170,8 @@ def test_hostile_ids_and_paths_never_write_outside_the_root(client, tmp_path):
     frame.to_csv(tmp_path / "m" / "manifest.csv", index=False)
     out = tmp_path / "m" / "out"
     before = {p for p in tmp_path.rglob("*")}
-    r = daskmv.run(str(tmp_path / "m" / "manifest.csv"), "resize", str(out), client=client, progress="none")
+    r = daskmv.run(str(tmp_path / "m" / "manifest.csv"), "resize", str(out), client=client, progress="none",
+                   max_error_rate=1.0)
     assert r.counts["rows"] == len(ids)
     created = {p for p in tmp_path.rglob("*")} - before
     assert created and all(out in p.parents or p == out for p in created)
@@ -175,7 +182,7 @@ def test_hostile_ids_and_paths_never_write_outside_the_root(client, tmp_path):
 def test_row_errors_from_ops_and_batch_isolation(dataset, client, tmp_path):
     out = tmp_path / "flaky"
     r = daskmv.run(str(dataset / "manifest.parquet"), "testops:Flaky,testops:RaisesInBatch", str(out),
-                   client=client, batch_size=8, progress="none")
+                   client=client, batch_size=8, progress="none", max_error_rate=1.0)
     frame = pd.read_parquet(out / "manifest.parquet")
     zero = frame["label"] == 0
     assert (frame.loc[zero, "status"] == "error").all()
@@ -186,7 +193,7 @@ def test_row_errors_from_ops_and_batch_isolation(dataset, client, tmp_path):
     # The batch-level exception is pinned on the row that caused it, not on its batch mates.
     out2 = tmp_path / "batch"
     daskmv.run(str(dataset / "manifest.parquet"), "testops:RaisesInBatch", str(out2), client=client,
-               batch_size=8, progress="none")
+               batch_size=8, progress="none", max_error_rate=1.0)
     frame = pd.read_parquet(out2 / "manifest.parquet")
     zero = frame["label"] == 0
     assert frame.loc[zero, "error"].str.contains("ZeroDivisionError: label 0 in this batch").all()
@@ -211,7 +218,7 @@ def test_out_of_memory_halves_the_batch(dataset, client, tmp_path, kind):
 def test_out_of_memory_at_batch_of_one_is_a_row_error(dataset, client, tmp_path):
     out = tmp_path / "oom1"
     daskmv.run(str(dataset / "manifest.parquet"), [{"testops:MemoryHungry": {"fits": 0}}], str(out),
-               client=client, limit=6, progress="none")
+               client=client, limit=6, progress="none", max_error_rate=1.0)
     frame = pd.read_parquet(out / "manifest.parquet")
     assert (frame["status"] == "error").all()
     assert frame["error"].str.contains("out of memory even with a batch of one row").all()
@@ -242,7 +249,11 @@ def test_retry_errors_recomputes_only_error_rows(dataset, client, tmp_path):
     assert r.computed_partitions == bad_partitions
     fixed = second["path"] == "bad/missing.jpg"
     assert (second.loc[fixed, "status"] == "ok").all()
-    assert second.loc[fixed, "resized_path"].str.contains("-r1#").all()
+    # the retried rows' arrays are a new attempt's: the first attempt's files were never touched
+    assert (second.loc[fixed, "resized_path"].str.rsplit("#").str[0] != first.loc[fixed, "resized_path"].fillna("")
+            .str.rsplit("#").str[0]).all()
+    marker = json.loads((out / "parts" / f"p{bad_partitions[0]:06d}.json").read_text())
+    assert marker["generation"] == 1 and len(marker["tokens"]) == 2
     assert (load_output(str(out / "manifest.parquet"), second.loc[fixed, "id"].iloc[0], "resized") == 7).all()
     unchanged = ~fixed
     cols = ["id", "status", "error", "resized_path"]
@@ -287,7 +298,6 @@ def test_memory_url_manifest_end_to_end(dataset, client, tmp_path):
 
 def test_a_rerun_task_of_a_finished_partition_returns_its_marker(dataset, tmp_path):
     """What the scheduler does when a worker dies holding a finished result: the task runs again."""
-    from daskmv.engine import rows_hash
     from daskmv.manifest import read_manifest
     from daskmv.partition import PartitionTask, run_partition
     from daskmv.pipeline import Pipeline
@@ -297,7 +307,7 @@ def test_a_rerun_task_of_a_finished_partition_returns_its_marker(dataset, tmp_pa
     manifest = read_manifest(str(dataset / "manifest.parquet"))
     rows = next(manifest.partitions(10))
     store = Store(str(tmp_path / "out"))
-    task = PartitionTask(index=0, rows=rows, rows_hash=rows_hash(rows), fingerprint=pipeline.fingerprint,
+    task = PartitionTask(index=0, rows=rows, rows_hash=manifest.partition_hash(0, 10), fingerprint=pipeline.fingerprint,
                          steps=pipeline.steps(), root=store.root, base=manifest.base)
     first = run_partition(task)
     again = run_partition(task)
@@ -337,7 +347,6 @@ def test_reduced_decoding_is_an_explicit_run_option(dataset, client, tmp_path, r
 def test_micro_batches_of_large_images_stop_at_a_byte_budget(tmp_path, monkeypatch, threads):
     """32 rows of 12-megapixel photos would not fit in memory: a micro-batch also ends at BATCH_BYTES."""
     import daskmv.partition as partition
-    from daskmv.engine import rows_hash
     from daskmv.manifest import read_manifest
     from daskmv.pipeline import Pipeline
 
@@ -352,9 +361,9 @@ def test_micro_batches_of_large_images_stop_at_a_byte_budget(tmp_path, monkeypat
     pipeline = Pipeline.parse("testops:BatchRows")
     manifest = read_manifest(str(tmp_path / "m.csv"))
     rows = next(manifest.partitions(10))
-    task = partition.PartitionTask(index=0, rows=rows, rows_hash=rows_hash(rows), fingerprint=pipeline.fingerprint,
-                                   steps=pipeline.steps(), root=str(tmp_path / "out"), base=manifest.base,
-                                   decode_threads=threads)
-    partition.run_partition(task)
-    batches = pd.read_parquet(tmp_path / "out" / "parts" / "p000000.parquet")["batch_rows"].tolist()
+    task = partition.PartitionTask(index=0, rows=rows, rows_hash=manifest.partition_hash(0, 10),
+                                   fingerprint=pipeline.fingerprint, steps=pipeline.steps(),
+                                   root=str(tmp_path / "out"), base=manifest.base, decode_threads=threads)
+    marker = partition.run_partition(task)
+    batches = pd.read_parquet(tmp_path / "out" / "parts" / marker["part"])["batch_rows"].tolist()
     assert batches == [3] * 6 + [4] * 4  # 3 x 9 MB >= 20 MB ends a batch; the last large row and the small ones

@@ -38,7 +38,9 @@ def wait_for(predicate, timeout: float = 120.0, what: str = "condition") -> None
 
 
 def comparable(frame: pd.DataFrame) -> pd.DataFrame:
-    return frame.drop(columns=["seconds"]).reset_index(drop=True)
+    from conftest import without_refs
+
+    return without_refs(frame)
 
 
 def test_driver_killed_then_resumed_equals_an_uninterrupted_run(dataset, client, tmp_path):
@@ -147,14 +149,43 @@ def test_poison_partition_stops_after_its_retries_and_the_rest_finish(dataset, t
     assert run["counts"]["failed_partitions"] == 1
 
 
+def _seconds(stamp: str) -> float:
+    from datetime import datetime
+
+    return datetime.fromisoformat(stamp).timestamp()
+
+
 def test_failed_model_load_is_retried_with_backoff(dataset, client, tmp_path):
-    flag = tmp_path / "loaded-once"
+    """One failed setup: that partition alone runs again, retry_delay after its failure (run.json says when
+    it failed, its marker when the retry started); the others run once."""
     out = tmp_path / "out"
-    r = daskmv.run(str(dataset / "manifest.parquet"), [{"testops:FailsFirstSetup": {"flag": str(flag)}}], str(out),
-                   client=client, partition_rows=64, retry_delay=0.3, progress="none")
+    r = daskmv.run(str(dataset / "manifest.parquet"), [{"testops:FailsFirstSetup": {"flag": str(tmp_path / "f")}}],
+                   str(out), client=client, partition_rows=64, retry_delay=0.3, progress="none")
     assert r.complete and r.counts["ok"] == r.counts["rows"]
     attempts = sorted(m["attempt"] for m in markers(out))
     assert attempts.count(2) == 1 and attempts.count(1) == len(attempts) - 1
+    [failure] = json.loads((out / "run.json").read_text())["failed_attempts"]
+    assert failure["attempt"] == 1 and "model failed to load" in failure["error"]
+    [retry] = [m for m in markers(out) if m["attempt"] == 2]
+    assert retry["index"] == failure["index"]
+    waited = _seconds(retry["started"]) - _seconds(failure["time"])
+    assert 0.3 - 0.002 <= waited < 0.3 + 1.0, waited  # millisecond time stamps
+
+
+def test_repeated_failures_back_off_doubling_each_time(dataset, client, tmp_path):
+    """Two failed setups of one partition: it waits retry_delay, then twice that, then succeeds."""
+    out = tmp_path / "out"
+    r = daskmv.run(str(dataset / "manifest.parquet"),
+                   [{"testops:FailsFirstSetup": {"flag": str(tmp_path / "f"), "failures": 2}}], str(out),
+                   client=client, partition_rows=1000, retry_delay=0.4, progress="none")
+    assert r.complete and r.counts["ok"] == r.counts["rows"]
+    [marker] = markers(out)
+    failures = json.loads((out / "run.json").read_text())["failed_attempts"]
+    assert [f["attempt"] for f in failures] == [1, 2] and marker["attempt"] == 3
+    times = [_seconds(f["time"]) for f in failures] + [_seconds(marker["started"])]
+    waits = np.diff(times)  # each includes the wait before the next attempt, and the first a failed setup
+    for waited, delay in zip(waits, [0.4, 0.8]):
+        assert delay - 0.002 <= waited < delay + 1.0, (waits, delay)
 
 
 @pytest.fixture(scope="module")

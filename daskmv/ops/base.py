@@ -18,13 +18,14 @@ row that failed on its own.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import importlib.util
 import json
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
-from daskmv.errors import PipelineError
+from daskmv.errors import InputReadError, PipelineError, RowError
 
 #: Inputs made by the engine's loader from the row's file (``path`` column), decoded once per row
 #: on a prefetch thread and shared by every op of the pipeline.
@@ -46,6 +47,9 @@ Row = dict[str, Any]
 class Param:
     """A declared op parameter: its default, a one-line help, optionally the allowed values.
 
+    ``types`` are the accepted Python types; by default they follow the default's type (a number
+    default takes any number, a list default any list or tuple; a ``None`` default takes anything), and
+    ``None`` is accepted only where the default is ``None`` or ``types`` lists ``type(None)``.
     ``path=True`` marks a file parameter: in a YAML pipeline, a relative path resolves against the
     YAML file's folder.
     """
@@ -54,6 +58,42 @@ class Param:
     help: str
     choices: tuple[Any, ...] | None = None
     path: bool = False
+    types: tuple[type, ...] | None = None
+
+    def accepted(self) -> tuple[type, ...] | None:
+        """The types a value may have (None: anything)."""
+        if self.types is not None:
+            return self.types
+        default = self.default
+        if default is None:
+            return None
+        if isinstance(default, bool):
+            return (bool,)
+        if isinstance(default, int):
+            return (int,)
+        if isinstance(default, float):
+            return (int, float)
+        if isinstance(default, (list, tuple)):
+            return (list, tuple)
+        return (type(default),)
+
+    def check(self, op: str, key: str, value: Any) -> None:
+        """Raise a PipelineError when ``value`` is not of an accepted type."""
+        accepted = self.accepted()
+        if accepted is None or (value is None and type(None) in accepted):
+            return
+        if isinstance(value, bool) and bool not in accepted:
+            ok = False
+        else:
+            ok = isinstance(value, accepted)
+        if not ok:
+            kinds = [t for t in accepted if not (t is int and float in accepted)]
+            names = " or ".join(dict.fromkeys(_TYPE_NAMES.get(t, t.__name__) for t in kinds))
+            raise PipelineError(f"op {op!r}: {key} must be {names}, not {value!r}")
+
+
+_TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string", list: "a list",
+               tuple: "a list", dict: "a mapping", type(None): "null"}
 
 
 @dataclass(frozen=True)
@@ -106,8 +146,14 @@ class Op:
                 raise PipelineError(
                     f"op {self.name!r}: {key}={values[key]!r} is not one of {', '.join(map(repr, spec.choices))}"
                 )
+            if key in params:
+                spec.check(self.name, key, values[key])
         self.config: dict[str, Any] = values
-        self.check_params()
+        try:
+            self.check_params()
+        except (TypeError, ValueError, KeyError, IndexError) as exc:  # a value check_params could not read
+            raise PipelineError(f"op {self.name!r}: bad parameter ({type(exc).__name__}: {exc}); "
+                                f"parameters given: {params}") from None
 
     def check_params(self) -> None:
         """Validate and normalise ``self.config``; raise PipelineError with the fix in the message."""
@@ -157,6 +203,39 @@ class Op:
     def __repr__(self) -> str:
         params = ", ".join(f"{k}={v!r}" for k, v in self.config.items())
         return f"{type(self).__name__}({params})"
+
+
+#: errno values that say a file path is bad (the row's fault): anything else from a read is the machine's.
+ROW_ERRNOS = frozenset({errno.ENOENT, errno.EACCES, errno.EPERM, errno.EISDIR, errno.ENOTDIR, errno.ENAMETOOLONG,
+                        errno.ELOOP, errno.EINVAL})
+
+#: Phrases of device and driver failures (torch/CUDA, cuDNN, cuBLAS, NCCL): the GPU's fault, not the row's.
+_DEVICE_ERRORS = ("cuda error", "cuda driver", "cudnn_status", "cudnn error", "cublas_status", "cusolver",
+                  "device-side assert", "illegal memory access", "unspecified launch failure", "nccl error",
+                  "ecc error", "no cuda gpus are available", "cuda-capable device", "hip error")
+
+
+def is_device_error(exc: BaseException) -> bool:
+    """A GPU or driver failure: retrying the row on the same device will not help."""
+    if type(exc).__name__ in ("AcceleratorError", "CudaError", "CUDAError") and not is_out_of_memory(exc):
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and not is_out_of_memory(exc) and any(p in text for p in _DEVICE_ERRORS)
+
+
+def is_infrastructure_error(exc: BaseException) -> bool:
+    """Whether a failure belongs to the machine rather than to the row: an I/O error that is not a bad path
+    (a network filesystem, an object store, a timeout), or a device error. Such failures fail the partition,
+    which is retried, instead of being recorded as row errors that a rerun would skip."""
+    if isinstance(exc, RowError):
+        return False
+    if isinstance(exc, (InputReadError, TimeoutError, ConnectionError)):
+        return True
+    if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
+        return False
+    if isinstance(exc, OSError):  # with no errno (a decoder's "cannot identify image file"), the file's fault
+        return exc.errno is not None and exc.errno not in ROW_ERRNOS
+    return is_device_error(exc)
 
 
 def is_out_of_memory(exc: BaseException) -> bool:

@@ -61,7 +61,7 @@ class Resize(Op):
     inputs = ("image",)
     outputs = (Output("resized", "array", "uint8", "RGB [height, width, 3]"),)
     params = {
-        "size": Param(224, "output size: an int for a square, or [width, height]"),
+        "size": Param(224, "output size: an int for a square, or [width, height]", types=(int, list, tuple)),
         "interpolation": Param("area", "OpenCV interpolation", tuple(INTERPOLATIONS)),
     }
 

@@ -43,7 +43,7 @@ class Degrade(MaskedImageOp):
     gpu = True
     image_param = "source"
     params = {
-        "kinds": Param(list(KINDS), "degradations to choose from, one per row"),
+        "kinds": Param(list(KINDS), "degradations to choose from, one per row", types=(list, tuple, str)),
         "weights": Param(None, "probability of each kind (default: equal)"),
         "seed": Param(0, "the pipeline's seed; with the row id it seeds every random choice"),
         "source": Param("albedo", "input image to degrade"),

@@ -14,9 +14,36 @@ import fsspec
 import numpy as np
 from fsspec.core import split_protocol
 
-from daskmv.errors import RowError
+from daskmv.errors import InputReadError, RowError
+from daskmv.ops.base import ROW_ERRNOS
 
-cv2.setNumThreads(1)  # one decode per thread; parallelism comes from the loader threads and workers
+_CV2_THREADS_SET = False
+
+
+def single_threaded_cv2_in_workers() -> None:
+    """``cv2.setNumThreads(1)`` in a Dask worker process, once: one decode or kernel per thread, the
+    parallelism coming from the loader threads and the worker processes (OpenCV's own pool of a thread per
+    core in every worker would oversubscribe the cores). OpenCV's thread count is global to the process, so
+    it is left alone anywhere else: a notebook that imports daskmv, or runs partitions in-process, keeps
+    its own setting."""
+    global _CV2_THREADS_SET
+    if not _CV2_THREADS_SET:
+        _CV2_THREADS_SET = True
+        if _in_worker_process():
+            cv2.setNumThreads(1)
+
+
+def _in_worker_process() -> bool:
+    """A process that exists to be a Dask worker: a nanny's worker process, or ``dask worker --no-nanny``."""
+    import multiprocessing
+    import os
+    import sys
+
+    if multiprocessing.current_process().name == "Dask Worker process (from Nanny)":
+        return True
+    main_module = getattr(getattr(sys.modules.get("__main__"), "__spec__", None), "name", None) or ""
+    script = os.path.basename(sys.argv[0]) if sys.argv else ""
+    return main_module.startswith("distributed.cli") or script in ("dask", "dask-worker")
 
 _MAGIC = (
     (b"\xff\xd8\xff", "jpeg"),
@@ -30,7 +57,8 @@ _MAGIC = (
 
 
 def read_bytes(url: str) -> bytes:
-    """The file's content; a missing or unreadable file is a RowError."""
+    """The file's content; a missing, unreadable or empty file is a RowError, any other I/O failure an
+    :class:`~daskmv.errors.InputReadError` (the partition is retried)."""
     protocol, local = split_protocol(url)
     try:
         if protocol in (None, "file", "local"):
@@ -41,12 +69,15 @@ def read_bytes(url: str) -> bytes:
                 data = fh.read()
     except FileNotFoundError:
         raise RowError(f"file not found: {url}") from None
-    except IsADirectoryError:
+    except (IsADirectoryError, NotADirectoryError):
         raise RowError(f"not a file but a directory: {url}") from None
     except PermissionError:
         raise RowError(f"permission denied: {url}") from None
     except OSError as exc:
-        raise RowError(f"cannot read {url}: {exc}") from None
+        if exc.errno in ROW_ERRNOS:
+            raise RowError(f"cannot read {url}: {exc}") from None
+        # EIO, ESTALE, a timeout or a dropped connection: the machine's fault, not the file's
+        raise InputReadError(exc.errno, f"cannot read {url}: {exc}") from exc
     if not data:
         raise RowError(f"empty file (0 bytes): {url}")
     return data
@@ -156,6 +187,7 @@ def to_rgb8(raw: np.ndarray) -> np.ndarray:
 def load_inputs(url: str, wanted: frozenset[str], scale: int = 1) -> dict[str, Any]:
     """Make the loader inputs an op asked for (``url``, ``bytes``, ``image``, ``image_info``);
     ``scale`` > 1 decodes images reduced (see :func:`decode_image`)."""
+    single_threaded_cv2_in_workers()
     out: dict[str, Any] = {"url": url}
     if not wanted & {"bytes", "image", "image_info"}:
         return out

@@ -40,7 +40,7 @@ class TorchModel(Op):
                        path=True),
         "checkpoint": Param(None, "state-dict file loaded into a factory-built model (optional)", path=True),
         "kwargs": Param({}, "keyword arguments for the factory"),
-        "size": Param(224, "input size: an int or [width, height]"),
+        "size": Param(224, "input size: an int or [width, height]", types=(int, list, tuple)),
         "interpolation": Param("area", "OpenCV interpolation for the input resize", tuple(INTERPOLATIONS)),
         "mean": Param(IMAGENET_MEAN, "per-channel mean subtracted from RGB in [0, 1]"),
         "std": Param(IMAGENET_STD, "per-channel standard deviation divided out"),
