@@ -9,6 +9,8 @@ output for each row is stored as one array.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import importlib
 import importlib.util
 import os
@@ -159,6 +161,18 @@ def load_torch_model(model: str, checkpoint: str | None, kwargs: dict[str, Any] 
     return net.to(device)
 
 
-def file_identity(path: str) -> list[int]:
+def file_identity(path: str) -> str:
+    """A model file's identity for the pipeline fingerprint: the SHA-256 of its content, so a copy or a
+    ``touch`` keeps finished work, and a file replaced by another of the same size and time does not.
+    Hashed once per process per version of the file (its inode and change time, which no ``touch`` sets)."""
     stat = os.stat(path)
-    return [stat.st_size, stat.st_mtime_ns]
+    return _content_hash(os.path.abspath(path), stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
+
+
+@functools.lru_cache(maxsize=64)
+def _content_hash(path: str, *version: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return "sha256:" + digest.hexdigest()
