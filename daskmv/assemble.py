@@ -2,7 +2,9 @@
 
 ``manifest.parquet`` (and ``manifest.csv`` for CSV inputs) and ``errors.log`` are written to temporary
 names and renamed when the last part is in, so a reader sees the previous manifest or the new one,
-never half of one. Memory stays at one partition whatever the manifest's size.
+never half of one. On local disks every file is fsynced before any rename, ``manifest.parquet`` is
+renamed last (when it is new, so are its twins) and the folder is fsynced after. Memory stays at one
+partition whatever the manifest's size.
 """
 
 from __future__ import annotations
@@ -92,14 +94,20 @@ class ManifestWriter:
 
     def commit(self) -> dict[str, int]:
         """Close and rename into place; an empty run still gets (empty) files."""
-        from daskmv.store import MANIFEST_CSV
+        from daskmv.store import MANIFEST, MANIFEST_CSV, fsync_dir, fsync_path
 
         if self._parquet is None:
             self._open(self.schema or pa.schema([("id", pa.string()), ("status", pa.string()),
                                                  ("error", pa.string())]))
         self._close()
-        for final, tmp in self.names.items():
-            self.store.fs.mv(f"{self.store.path}/{tmp}", f"{self.store.path}/{final}")
+        path = self.store.path
+        if self.store.local:
+            for tmp in self.names.values():
+                fsync_path(f"{path}/{tmp}")
+        for final in sorted(self.names, key=lambda name: name == MANIFEST):  # manifest.parquet last
+            self.store.fs.mv(f"{path}/{self.names[final]}", f"{path}/{final}")
+        if self.store.local:
+            fsync_dir(path)
         self.committed = True
         if not self.csv:
             self.store.remove(MANIFEST_CSV)
