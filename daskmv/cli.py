@@ -1,7 +1,8 @@
 """The ``daskmv`` command: run, validate, status, ops.
 
 Exit codes are a contract for scripts: 0 the run completed (row errors are summarised, not fatal),
-2 bad input or usage (nothing ran), 1 the run could not complete (running again resumes).
+2 bad input or usage (nothing ran), 1 the run could not complete (running again resumes), 3 the run
+completed but more rows failed than ``--max-error-rate`` allows.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from daskmv.errors import DaskmvError, UsageError
+from daskmv.errors import DaskmvError, TooManyRowErrors, UsageError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Batch-process manifests of images and videos on Dask clusters.")
@@ -29,6 +30,7 @@ CONFIG_KEYS = {
     "pipeline", "out", "cluster", "workers", "threads_per_worker", "partition_rows", "batch_size",
     "decode_threads", "decode_scale", "path_column", "id_column", "limit", "overwrite", "retry_errors", "retries",
     "retry_delay", "window", "require_gpu", "progress", "storage_options", "cluster_kwargs", "export",
+    "max_error_rate", "worker_wait",
 }
 
 
@@ -83,10 +85,13 @@ def run(
     report: bool = typer.Option(False, "--report", help="Write OUT/report.html when the run ends."),
     export: Optional[str] = typer.Option(None, "--export", help="Also write image outputs as files: png "
                                          "(OUT/png/...; manifest.csv then points at them)."),
+    max_error_rate: Optional[float] = typer.Option(None, help="Exit 3 when more than this fraction of the rows "
+                                                   "failed (default 0.1; 1 never)."),
 ) -> None:
     """Run a pipeline over every row of MANIFEST, writing outputs and a new manifest into --out."""
     from daskmv.engine import run as run_pipeline
 
+    root = out_dir
     try:
         settings = _read_config(config)
         flags = {
@@ -94,7 +99,7 @@ def run(
             "partition_rows": partition_rows, "batch_size": batch_size, "path_column": path_column,
             "id_column": id_column, "limit": limit, "retries": retries, "decode_threads": decode_threads,
             "decode_scale": decode_scale,
-            "progress": progress, "export": export,
+            "progress": progress, "export": export, "max_error_rate": max_error_rate,
         }
         settings.update({k: v for k, v in flags.items() if v is not None})
         for key, value in (("overwrite", overwrite), ("retry_errors", retry_errors), ("require_gpu", require_gpu)):
@@ -107,6 +112,12 @@ def run(
         if not root:
             raise UsageError("no output root: give --out DIR")
         result = run_pipeline(manifest, spec, root, **settings)
+    except TooManyRowErrors as exc:
+        out.print(f"[bold yellow]done, with too many row errors:[/] {escape(exc.result.summary())}",
+                  highlight=False, soft_wrap=True)
+        if report:
+            _try_report(exc.result.out)
+        raise _fail(exc) from None
     except DaskmvError as exc:
         if report and root:
             _try_report(root)
@@ -223,12 +234,22 @@ def status(
     as_json: bool = typer.Option(False, "--json", help="Print the status as JSON."),
     storage_options: Optional[str] = typer.Option(None, "--storage-options", help=STORAGE_OPTIONS_HELP),
     config: Optional[Path] = typer.Option(None, help=CONFIG_HELP),
+    gc: bool = typer.Option(False, "--gc", help="Also remove the files of attempts no marker references "
+                            "(partitions written twice, attempts killed mid-write)."),
+    grace: Optional[float] = typer.Option(None, help="With --gc: an attempt whose lease was refreshed in the "
+                                          "last GRACE seconds (default 300) may still be running and is kept."),
 ) -> None:
     """Done, failed and pending rows of an output root: during a run, after it, or after a crash."""
-    from daskmv.store import Store
+    from daskmv.store import LEASE_TIMEOUT, Store
 
     try:
-        info = Store(root, _storage_options(storage_options, config)).status()
+        store = Store(root, _storage_options(storage_options, config))
+        info = store.status()
+        if gc:
+            grace = LEASE_TIMEOUT if grace is None else grace
+            if grace < 0:
+                raise UsageError(f"--grace {grace}: must be at least 0 seconds")
+            info["garbage"] = store.collect_garbage(lease_timeout=grace)
     except DaskmvError as exc:
         raise _fail(exc) from None
     except (OSError, TypeError) as exc:  # the filesystem would not open (missing or wrong storage options)
@@ -242,6 +263,10 @@ def status(
               f"failed {info['failed']:,}, pending {info['pending']:,}", highlight=False)
     failed = f", failed {len(info['partitions_failed'])}" if info["partitions_failed"] else ""
     out.print(f"partitions {info['partitions_done']:,}/{info['partitions']:,} done{failed}", highlight=False)
+    if gc:
+        garbage = info["garbage"]
+        out.print(f"garbage: removed {len(garbage['attempts']):,} attempt(s), {garbage['bytes'] / 1e6:,.1f} MB",
+                  highlight=False)
 
 
 @app.command("ops")

@@ -31,6 +31,7 @@ import fsspec
 import numpy as np
 import pandas as pd
 from fsspec.core import split_protocol
+from fsspec.registry import registry as fsspec_registry
 
 from daskmv.errors import ManifestError
 from daskmv.paths import resolve_path
@@ -56,7 +57,7 @@ def check_scheme(url: str) -> str | None:
     protocol, _ = split_protocol(url)
     if protocol is None or protocol in ("file", "local"):
         return protocol
-    if protocol not in fsspec.available_protocols():
+    if protocol not in fsspec.available_protocols() and protocol not in fsspec_registry:
         raise ManifestError(f"unknown URL scheme '{protocol}://' in {url!r}")
     return protocol
 

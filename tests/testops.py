@@ -85,17 +85,25 @@ class Crash(Op):
 
 
 class FailsFirstSetup(Op):
-    """Its setup fails once per flag file (a model that does not load the first time)."""
+    """Its first ``failures`` setups fail, counted over every process (a model that does not load at first).
+
+    Each failure claims a flag file (``flag``, then ``flag.2``, ...) atomically with O_CREAT | O_EXCL, so
+    two workers setting up at the same moment never both take the same failure."""
 
     name = "testops:FailsFirstSetup"
     inputs = ("label",)
     outputs = (Output("label_again", "column", "int64"),)
-    params = {"flag": Param("", "file created by the first (failing) setup")}
+    params = {"flag": Param("", "file created by the first (failing) setup"),
+              "failures": Param(1, "how many setups fail, in all")}
 
     def setup(self, device):
-        if not os.path.exists(self.config["flag"]):
-            open(self.config["flag"], "w").close()
-            raise RuntimeError("model failed to load (first attempt)")
+        for k in range(1, int(self.config["failures"]) + 1):
+            path = self.config["flag"] + ("" if k == 1 else f".{k}")
+            try:
+                os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            except FileExistsError:
+                continue  # this failure was claimed already
+            raise RuntimeError(f"model failed to load (failure {k} of {self.config['failures']})")
 
     def process(self, rows):
         return [{"label_again": row["label"]} for row in rows]
@@ -163,3 +171,125 @@ class BatchRows(Op):
 
     def process(self, rows):
         return [{"batch_rows": len(rows)} for _ in rows]
+
+
+class Gate(Op):
+    """Resizes like ``resize`` (size 48), but a process can be held before its n-th batch: while the file
+    ``<dir>/hold-<pid>-<n>`` exists, the batch waits (and ``<dir>/at-<pid>-<n>`` says it is there). Lets a
+    test stop an attempt at a chosen point, as a slow or stuck orphan task would be."""
+
+    name = "testops:Gate"
+    inputs = ("image",)
+    outputs = (Output("small", "array", "uint8"),)
+    params = {"dir": Param("", "folder of hold files")}
+
+    def setup(self, device):
+        self.batches = 0
+
+    def process(self, rows):
+        import cv2
+
+        hold = os.path.join(self.config["dir"], f"hold-{os.getpid()}-{self.batches}")
+        if os.path.exists(hold):
+            open(os.path.join(self.config["dir"], f"at-{os.getpid()}-{self.batches}"), "w").close()
+            while os.path.exists(hold):
+                time.sleep(0.02)
+        self.batches += 1
+        return [{"small": cv2.resize(row["image"], (48, 48), interpolation=cv2.INTER_AREA)} for row in rows]
+
+
+class BrokenOn(Op):
+    """Its set-up fails on the worker named ``worker`` (a node whose model is missing); fine elsewhere."""
+
+    name = "testops:BrokenOn"
+    inputs = ("label",)
+    outputs = (Output("where", "column", "string"),)
+    params = {"worker": Param("0", "name of the broken worker")}
+
+    def setup(self, device):
+        from distributed import get_worker
+
+        if str(get_worker().name) == self.config["worker"]:
+            raise FileNotFoundError(f"model file missing on worker {get_worker().name}")
+
+    def process(self, rows):
+        from distributed import get_worker
+
+        return [{"where": str(get_worker().name)} for _ in rows]
+
+
+class DeviceFault(Op):
+    """Raises a CUDA-style device error on the first batch of the run (claimed atomically across processes
+    through ``flag``), then works: a GPU that faulted once."""
+
+    name = "testops:DeviceFault"
+    inputs = ("label",)
+    outputs = (Output("fine", "column", "int64"),)
+    params = {"flag": Param("", "file claimed by the faulting batch")}
+
+    def process(self, rows):
+        try:
+            os.close(os.open(self.config["flag"], os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            return [{"fine": row["label"]} for row in rows]
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+
+class ShortResults(Op):
+    """A buggy op: returns one result fewer than it was given rows."""
+
+    name = "testops:ShortResults"
+    inputs = ("label",)
+    outputs = (Output("echo", "column", "int64"),)
+
+    def process(self, rows):
+        return [{"echo": row["label"]} for row in rows][:-1]
+
+
+class SlowGPU(Op):
+    """A slow op that wants a GPU (runs only on workers declaring one when any does)."""
+
+    name = "testops:SlowGPU"
+    inputs = ("label",)
+    outputs = (Output("gpu_label", "column", "int64"),)
+    params = {"seconds": Param(0.05, "sleep per row")}
+    gpu = True
+
+    def process(self, rows):
+        time.sleep(self.config["seconds"] * len(rows))
+        return [{"gpu_label": row["label"]} for row in rows]
+
+
+# -- a filesystem whose reads fail once per file with EIO (a network filesystem having a bad moment) --
+import errno as _errno
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+
+class FlakyFileSystem(LocalFileSystem):
+    """``flakyfile:///abs/path``: the first open of each file, over all processes, fails with EIO; later
+    opens read the file. The failures are claimed with O_CREAT | O_EXCL flag files beside the files."""
+
+    protocol = ("flakyfile",)
+
+    @classmethod
+    def _strip_protocol(cls, path):
+        path = str(path)
+        if path.startswith("flakyfile://"):
+            path = path[len("flakyfile://"):]
+        return super()._strip_protocol(path)
+
+    def _open(self, path, mode="rb", **kwargs):
+        if "r" in mode:
+            flag = self._strip_protocol(path) + ".failed-once"
+            try:
+                os.close(os.open(flag, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            except FileExistsError:
+                pass
+            else:
+                raise OSError(_errno.EIO, "Input/output error (flaky network filesystem)", path)
+        return super()._open(path, mode=mode, **kwargs)
+
+
+fsspec.register_implementation("flakyfile", FlakyFileSystem, clobber=True)
