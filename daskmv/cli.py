@@ -303,6 +303,9 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     for name in ("distributed", "dask"):  # the scheduler runs in this process: keep its INFO lines out
         logging.getLogger(name).setLevel(logging.WARNING)
+    # A lost scheduler makes the client log each failed reconnection with a traceback; the run reports it
+    # itself, in one line that says what to do.
+    logging.getLogger("distributed.client").setLevel(logging.CRITICAL)
     app()
 
 

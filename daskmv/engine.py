@@ -437,7 +437,7 @@ class _Runner:
         clusters grow (SLURM jobs starting, adaptive scaling) and shrink while a run goes."""
         now_t = time.monotonic()
         if now_t - self._window_at > 3.0:
-            info = self.client.scheduler_info(n_workers=-1)["workers"]
+            info = self._workers_info()
             self._workers = [w for w in info if w not in self.retired]
             usable = [info[w] for w in self._workers]
             if resources:
@@ -446,6 +446,15 @@ class _Runner:
             self._window_size, self._window_at = max(2, 2 * slots), now_t
             self._watch_slots(slots, resources)
         return self.opts.window or self._window_size
+
+    def _workers_info(self) -> dict[str, Any]:
+        """The scheduler's workers; a RunError that names the scheduler when the client lost it."""
+        info = self.client.scheduler_info(n_workers=-1) if self.client.status == "running" else {}
+        if "workers" not in info:
+            address = self.client.scheduler.address if self.client.scheduler else "unknown address"
+            raise RunError(f"lost contact with the Dask scheduler ({address}; client {self.client.status}); "
+                           "finished partitions are kept: run the same command again to resume")
+        return info["workers"]
 
     def _watch_slots(self, slots: int, resources: dict[str, int] | None) -> None:
         """Give up when no worker that can run the tasks has been there for ``worker_wait`` seconds
@@ -551,7 +560,7 @@ class _Runner:
         self._window_at = float("-inf")  # re-read the workers now
         self.progress.note(f"worker {exc.worker} retired from this run: its op set-up failed {exc.failures} "
                            f"times ({exc.message})")
-        workers = [w for w in self.client.scheduler_info(n_workers=-1)["workers"] if w not in self.retired]
+        workers = [w for w in self._workers_info() if w not in self.retired]
         if not workers:
             raise RunError(f"op set-up failed on every worker ({len(self.retired)}): {exc.message}; fix it (a "
                            "missing model file? a broken GPU?) and run the same command again to resume")
