@@ -75,16 +75,35 @@ def write_csv(tmp_path, frame, name="m.csv"):
         (pd.DataFrame({"path": ["a.jpg"]}), ["--pipeline", "resize,nope"], "unknown op 'nope'"),
         (pd.DataFrame({"path": ["a.jpg"]}), ["--pipeline", "testops:Flaky"], "needs input 'label'"),
         (pd.DataFrame({"path": ["a.jpg"]}), ["--limit", "0"], "--limit 0: must be a whole number of at least 1"),
+        (pd.DataFrame({"path": ["a.jpg"]}), ["--batch-size", "0"], "--batch-size 0: must be a whole number of at least 1"),
+        (pd.DataFrame({"path": ["a.jpg"]}), ["--batch-size", "-3"], "--batch-size -3: must be a whole number"),
+        (pd.DataFrame({"path": ["a.jpg"]}), ["--partition-rows", "0"], "--partition-rows 0: must be a whole number"),
+        (pd.DataFrame({"path": ["a.jpg"]}), ["--partition-rows", "-5"], "--partition-rows -5: must be a whole number"),
+        (pd.DataFrame({"path": ["a.jpg"]}), ["--progress", "anything"], "--progress 'anything': use one of auto, bar"),
+        (pd.DataFrame({"path": ["a.jpg"]}), ["--retries", "-1"], "--retries -1: must be a whole number of at least 0"),
+        (pd.DataFrame({"path": ["a.jpg"]}), ["--max-error-rate", "2"], "--max-error-rate 2.0: must be between 0 and 1"),
+        (pd.DataFrame({"path": ["a.jpg"]}), ["--pipeline", "big.yaml"], "op 'resize': size must be an integer or a list"),
+        (pd.DataFrame({"path": ["a.jpg"]}), ["--pipeline", "low.yaml"], "op 'albedo': low must be a number, not 'a'"),
     ],
 )
 def test_bad_input_exits_2_with_one_line(tmp_path, frame, args, message):
     manifest = write_csv(tmp_path, frame)
+    (tmp_path / "big.yaml").write_text("steps:\n  - resize: {size: big}\n")
+    (tmp_path / "low.yaml").write_text("steps:\n  - albedo: {low: a}\n")
+    args = [str(tmp_path / a) if a.endswith(".yaml") else a for a in args]
     full = ["run", manifest, "--out", tmp_path / "out", *(args if "--pipeline" in args else ["--pipeline", "resize", *args])]
     result = invoke(*full)
     assert result.exit_code == 2, result.output
     assert message in result.output
-    assert "Traceback" not in result.output
-    assert not (tmp_path / "out" / "parts").exists()
+    assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1, result.output
+    assert not (tmp_path / "out").exists()  # nothing written, not even the folder
+
+
+def test_report_with_an_unreadable_config_is_one_line(tmp_path):
+    manifest = write_csv(tmp_path, pd.DataFrame({"path": ["a.jpg"]}))
+    result = invoke("run", manifest, "--pipeline", "resize", "--out", tmp_path / "out", "--report",
+                    "--config", tmp_path / "absent.yaml")
+    assert result.exit_code == 2 and "cannot read --config" in result.output and "Traceback" not in result.output
 
 
 def test_usage_errors_exit_2(tmp_path):

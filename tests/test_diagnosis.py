@@ -193,3 +193,34 @@ def slow_yaml(tmp_path: Path) -> Path:
     path = tmp_path / "slow.yaml"
     path.write_text("steps:\n  - testops:Slow: {seconds: 0.05}\n")
     return path
+
+
+def test_gpu_tasks_with_no_gpu_worker_left_stop_with_a_clear_message(dataset, tmp_path):
+    """The only GPU worker leaves mid-run; a CPU worker remains. GPU tasks must not wait forever."""
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, resources={"GPU": 1},
+                      dashboard_address=":0") as cluster, Client(cluster) as client:
+        cpu_worker = subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_worker", cluster.scheduler_address,
+                                       "--nthreads", "1", "--no-dashboard"],
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            client.wait_for_workers(2, timeout=60)
+            gpu_worker = next(a for a, w in client.scheduler_info()["workers"].items() if w["resources"].get("GPU"))
+            out = tmp_path / "out"
+
+            def retire_when_started() -> None:
+                deadline = time.monotonic() + 60
+                while time.monotonic() < deadline and not list((out / "parts").glob("p??????.json")):
+                    time.sleep(0.05)
+                client.retire_workers(workers=[gpu_worker], close_workers=True)
+
+            thread = threading.Thread(target=retire_when_started)
+            thread.start()
+            started = time.monotonic()
+            with pytest.raises(RunError, match=r"waited \d+ s for a worker with a GPU and none is left"):
+                daskmv.run(str(dataset / "manifest.parquet"), [{"testops:SlowGPU": {"seconds": 0.02}}], str(out),
+                           client=client, partition_rows=16, worker_wait=2.0, progress="none")
+            thread.join()
+            assert time.monotonic() - started < 60
+        finally:
+            cpu_worker.kill()
+            cpu_worker.wait()

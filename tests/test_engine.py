@@ -367,3 +367,38 @@ def test_micro_batches_of_large_images_stop_at_a_byte_budget(tmp_path, monkeypat
     marker = partition.run_partition(task)
     batches = pd.read_parquet(tmp_path / "out" / "parts" / marker["part"])["batch_rows"].tolist()
     assert batches == [3] * 6 + [4] * 4  # 3 x 9 MB >= 20 MB ends a batch; the last large row and the small ones
+
+
+def test_read_ahead_holds_at_most_about_two_byte_budgets_from_the_first_row(tmp_path, monkeypatch):
+    """Ops slower than decoding, large images: the loader must not decode dozens of rows ahead before it
+    knows their size. Memory held by loaded rows stays within two budgets (a batch and the read-ahead)."""
+    import tracemalloc
+
+    import daskmv.partition as partition
+    from daskmv.manifest import read_manifest
+    from daskmv.pipeline import Pipeline
+
+    budget = 8 << 20
+    monkeypatch.setattr(partition, "BATCH_BYTES", budget)
+    image = np.random.default_rng(1).integers(0, 255, (1000, 1000, 3), dtype=np.uint8)  # 3 MB decoded
+    data = cv2.imencode(".png", image)[1].tobytes()
+    for k in range(40):
+        (tmp_path / f"{k}.png").write_bytes(data)
+    pd.DataFrame({"path": [f"{k}.png" for k in range(40)]}).to_csv(tmp_path / "m.csv", index=False)
+    pipeline = Pipeline.parse([{"testops:Slow": {"seconds": 0.02}}, "testops:BatchRows"])
+    manifest = read_manifest(str(tmp_path / "m.csv"))
+    task = partition.PartitionTask(index=0, rows=next(manifest.partitions(40)), rows_hash=manifest.partition_hash(0, 40),
+                                   fingerprint=pipeline.fingerprint, steps=pipeline.steps(),
+                                   root=str(tmp_path / "out"), base=manifest.base, decode_threads=2)
+    partition._op_cache().get(task.fingerprint, task.steps)  # set up outside the measurement
+    tracemalloc.start()
+    try:
+        marker = partition.run_partition(task)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert marker["ok"] == 40
+    # two budgets, plus what each of the 2 loader threads holds while it decodes (the file's bytes, the BGR
+    # and the RGB copy) and one row over the budget; the old read-ahead decoded all 40 rows (120 MB) at once
+    bound = 2 * budget + 2 * 3 * image.nbytes + image.nbytes
+    assert peak < bound, f"peak {peak / 2**20:.0f} MB, bound {bound / 2**20:.0f} MB"
