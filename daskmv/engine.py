@@ -127,24 +127,26 @@ class RunResult:
     computed_partitions: list[int]
     skipped_partitions: list[int]
     failed_partitions: list[int]
+    storage_options: dict[str, Any] = field(default_factory=dict)
 
     @property
     def complete(self) -> bool:
         return not self.failed_partitions
 
     def manifest(self) -> pd.DataFrame:
-        return pd.read_parquet(self.manifest_path, dtype_backend="numpy_nullable")
+        return pd.read_parquet(self.manifest_path, dtype_backend="numpy_nullable",
+                               storage_options=self.storage_options or None)
 
     def report(self, n: int = 16, seed: int = 0) -> str:
         """Write ``report.html`` into the output root (see :mod:`daskmv.report`); return its path."""
         from daskmv.report import build_report
 
-        return build_report(self.out, n=n, seed=seed)
+        return build_report(self.out, n=n, seed=seed, storage_options=self.storage_options)
 
     def _repr_html_(self) -> str:
         from daskmv.report import REPORT, RunFacts, summary_html
 
-        facts = RunFacts.read(self.out)
+        facts = RunFacts.read(self.out, self.storage_options)
         link = facts.store.url(REPORT) if facts.store.exists(REPORT) else None
         return summary_html(facts, link)
 
@@ -378,6 +380,7 @@ class _Runner:
             out=self.store.root, manifest_path=self.store.url(MANIFEST), fingerprint=binding["fingerprint"],
             counts=counts, seconds=time.perf_counter() - t0, computed_partitions=self.computed,
             skipped_partitions=self.skipped, failed_partitions=sorted(self.failed),
+            storage_options=self.opts.storage_options,
         )
         self._check_error_rate(result)
         return result
