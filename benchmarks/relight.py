@@ -3,7 +3,7 @@
     python benchmarks/relight.py                 # 160 portraits of 512x512, 2 processes each
     python benchmarks/relight.py --images 400 --save
 
-The inputs are 512x512 JPEGs cut from the two real photos of people in shared/data (random crops,
+The inputs are 512x512 JPEGs cut from the two real photos of people in data/people (random crops,
 flips and exposure changes). Every method runs the same four steps on the same files in the same run:
 segment (MediaPipe selfie model), Multi-Scale Retinex albedo (sigmas 15/80/250), one seeded
 degradation, composite onto #808080, and stores all seven images. The hand-written script
@@ -41,7 +41,7 @@ os.environ["PYTHONPATH"] = os.pathsep.join([str(HERE), os.environ.get("PYTHONPAT
 import relight_baseline  # noqa: E402
 from engine import commit, fresh, machine, warm_cache, worker_profile  # noqa: E402
 
-PEOPLE = HERE.parent.parent / "shared" / "data" / "people"
+PEOPLE = HERE.parent / "data" / "people"  # carried in the repository (SOURCE.txt there)
 
 
 def make_portraits(folder: Path, n: int, size: int) -> Path:

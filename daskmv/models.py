@@ -5,7 +5,8 @@ inside the ``mediapipe`` 0.10.21 wheel on PyPI. Installing mediapipe itself woul
 jax, so set-up downloads the wheel (``pip download --no-deps``, 35 MB, once) and keeps only the model
 and its license:
 
-    python -m daskmv.models fetch        # what `make` runs after installing daskmv
+    python -m daskmv.models fetch                       # what `make` runs after installing daskmv
+    python -m daskmv.models fetch --wheel mediapipe-0.10.21-....whl   # offline: from a wheel you have
 
 Models live in ``$DASKMV_MODEL_DIR`` or else ``~/.cache/daskmv/models``.
 """
@@ -49,17 +50,48 @@ def selfie_model(landscape: bool = False) -> Path:
     return path
 
 
-def fetch(dest: Path | None = None) -> Path:
-    """Download the mediapipe wheel once and extract the selfie-segmentation models and license."""
+#: What pip prints when it cannot reach the package index (as opposed to the index answering "no").
+NETWORK_ERRORS = ("NewConnectionError", "ConnectTimeout", "ReadTimeout", "timed out", "Max retries exceeded",
+                  "Temporary failure in name resolution", "Name or service not known", "Network is unreachable",
+                  "Connection refused", "Connection reset", "ProxyError", "RemoteDisconnected")
+
+
+class DownloadError(RuntimeError):
+    """pip could not download the wheel; ``unreachable`` when the index was out of reach or too slow."""
+
+    def __init__(self, message: str, unreachable: bool) -> None:
+        super().__init__(message)
+        self.unreachable = unreachable
+
+
+def download_wheel(folder: Path, timeout: float | None = None) -> Path:
+    """``pip download`` the mediapipe wheel into ``folder``; a DownloadError after ``timeout`` seconds."""
+    cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", MEDIAPIPE_WHEEL, "-d", str(folder)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise DownloadError(f"pip download {MEDIAPIPE_WHEEL} took longer than {timeout:.0f} s", True) from None
+    if proc.returncode != 0:
+        lines = proc.stderr.strip().splitlines()
+        network = [line for line in lines if any(marker in line for marker in NETWORK_ERRORS)]
+        said = " | ".join(network[-1:] + lines[-1:])
+        raise DownloadError(f"pip download {MEDIAPIPE_WHEEL} failed (exit {proc.returncode}): {said}", bool(network))
+    return next(folder.glob("mediapipe-*.whl"))
+
+
+def fetch(dest: Path | None = None, wheel: Path | None = None, timeout: float | None = None) -> Path:
+    """Extract the selfie-segmentation models and license from the mediapipe wheel: ``wheel`` when given (a
+    file you have), else one downloaded with pip (a DownloadError when that fails or passes ``timeout`` s)."""
     dest = dest or model_dir()
     if all((dest / name).exists() for name in SELFIE_FILES.values()):
         return dest
     dest.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
-        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", MEDIAPIPE_WHEEL, "-d", tmp],
-                       check=True)
-        wheel = next(Path(tmp).glob("mediapipe-*.whl"))
-        with zipfile.ZipFile(wheel) as zf:
+        source = wheel or download_wheel(Path(tmp), timeout)
+        with zipfile.ZipFile(source) as zf:
+            missing = sorted(set(SELFIE_FILES) - set(zf.namelist()))
+            if missing:
+                raise RuntimeError(f"{source} is not the {MEDIAPIPE_WHEEL} wheel: it has no {missing[0]}")
             files = {name: zf.read(member) for member, name in SELFIE_FILES.items()}
     for name, digest in SHA256.items():
         got = hashlib.sha256(files[name]).hexdigest()
@@ -75,10 +107,15 @@ def fetch(dest: Path | None = None) -> Path:
 
 
 def main(argv: list[str]) -> int:
-    if argv[:1] != ["fetch"]:
-        print("usage: python -m daskmv.models fetch", file=sys.stderr)
+    if argv[:1] != ["fetch"] or len(argv) not in (1, 3) or (len(argv) == 3 and argv[1] != "--wheel"):
+        print("usage: python -m daskmv.models fetch [--wheel MEDIAPIPE_WHEEL_FILE]", file=sys.stderr)
         return 2
-    print(f"models in {fetch()}")
+    try:
+        print(f"models in {fetch(wheel=Path(argv[2]) if len(argv) == 3 else None)}")
+    except DownloadError as exc:
+        print(f"{exc}\nno network? download {MEDIAPIPE_WHEEL} elsewhere and run `python -m daskmv.models fetch "
+              "--wheel FILE`", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -2,9 +2,10 @@
 
     python manifests/make_sample.py manifests/sample
 
-Images are synthetic (smooth random colour fields with shapes), plus the real photographs in
-../shared/data when they are there. Two rows are broken on purpose (a missing file and a text file
-named .jpg) to show how row errors look. Nothing is downloaded.
+Images are synthetic (smooth random colour fields with shapes), plus the two photos of people that the
+repository carries (data/people: public-domain NASA portraits, for the relight demo) and any other real
+photographs in ../shared/data when that folder is beside the clone. Two rows are broken on purpose (a
+missing file and a text file named .jpg) to show how row errors look. Nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import numpy as np
 import pandas as pd
 
 N_SYNTHETIC = 200
+PEOPLE = Path(__file__).resolve().parents[1] / "data" / "people"
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
@@ -50,7 +52,9 @@ def main(folder: str) -> None:
         rel = f"images/synthetic_{i:04d}.jpg"
         cv2.imwrite(str(root / rel), synthetic(rng, w, h), [cv2.IMWRITE_JPEG_QUALITY, 90])
         paths.append(rel)
-    for src in sorted(SHARED.glob("*/**/*.[jp][pn]g")):
+    photos = sorted(PEOPLE.glob("*.jpg")) + sorted(p for p in SHARED.glob("*/**/*.[jp][pn]g")
+                                                   if p.parent.name != "people")
+    for src in photos:
         rel = f"images/real_{src.parent.name}_{src.name}"
         shutil.copyfile(src, root / rel)
         paths.append(rel)
@@ -59,7 +63,9 @@ def main(folder: str) -> None:
     pd.DataFrame({"path": paths, "source": [p.split("/")[1].split("_")[0] for p in paths]}).to_csv(
         root / "manifest.csv", index=False)
     tiny_model(root / "tiny_cnn.pt")
-    people = [p for p in paths if p.startswith("images/real_people_")] or paths[:4]  # no photos: rows fail "no person"
+    people = [p for p in paths if p.startswith("images/real_people_")]
+    if not people:
+        sys.exit(f"no photos of people in {PEOPLE}: the relight demo needs them")
     pd.DataFrame({"path": people}).to_csv(root / "people.csv", index=False)
     print(f"sample: {len(paths)} rows in {root / 'manifest.csv'}, {len(people)} photos of people in "
           f"{root / 'people.csv'}")

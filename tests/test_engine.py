@@ -333,7 +333,14 @@ def test_reduced_decoding_is_an_explicit_run_option(dataset, client, tmp_path, r
     diffs = [np.abs(load_output(full.manifest_path, i, "resized").astype(int)
                     - load_output(half.manifest_path, i, "resized").astype(int)).mean() for i in ok]
     assert 0 < np.mean(diffs) < 3.0  # 1.9 levels measured on these noisy synthetic JPEGs
-    np.testing.assert_allclose(a.loc[ok, "mean_r"], b.loc[ok, "mean_r"], atol=1.0)
+    # README: per-channel means 0.008 % apart (median), standard deviations 0.35 %. Measured here: means
+    # 0.007-0.008 % (median), 0.11 % at most (PNG rows: OpenCV's area shrink rounds halves up, +0.125 levels);
+    # standard deviations 0.6-2.4 % (these small noisy images lose more detail at half size than photos do).
+    for channel in "rgb":
+        mean = (b.loc[ok, f"mean_{channel}"] - a.loc[ok, f"mean_{channel}"]).abs() / a.loc[ok, f"mean_{channel}"]
+        assert mean.median() < 2e-4 and mean.max() < 2e-3, (channel, mean.median(), mean.max())
+        std = (b.loc[ok, f"std_{channel}"] - a.loc[ok, f"std_{channel}"]).abs() / a.loc[ok, f"std_{channel}"]
+        assert std.median() < 0.04, (channel, std.median())
     with pytest.raises(StoreError, match="decode_scale"):
         daskmv.run(str(dataset / "manifest.csv"), spec, str(tmp_path / "half"), client=client, limit=40, **run_opts)
     from daskmv.errors import UsageError

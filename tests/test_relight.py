@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import daskmv
-from conftest import shared_data
+from conftest import PEOPLE, shared_data
 from daskmv.data import load_output
 from daskmv.errors import PipelineError
 from daskmv.imaging import lighting
@@ -92,14 +92,18 @@ def save_rgb(path: Path, image: np.ndarray) -> str:
 # -- the whole pipeline on real photos ------------------------------------------------------------------
 PEOPLE_FACES = {  # (x, y) of each face centre, by eye; every face must be inside the mask
     "apollo11_crew_nasa.jpg": [(150, 190), (280, 90), (440, 200)],
-    "astronaut_eileen_collins_nasa.png": [(230, 130)],
+    "astronaut_eileen_collins_nasa.jpg": [(230, 130)],
 }
+
+
+def known_mask(name: str) -> np.ndarray:
+    """The photo's person mask made by hand (data/people/masks/make_masks.py), not by the segmenter."""
+    return cv2.imread(str(PEOPLE / "masks" / f"{Path(name).stem}.png"), cv2.IMREAD_GRAYSCALE)
 
 
 @pytest.fixture(scope="module")
 def people_run(client, tmp_path_factory):
-    folder = shared_data("people")
-    paths = [str(folder / name) for name in PEOPLE_FACES]
+    paths = [str(PEOPLE / name) for name in PEOPLE_FACES]
     tmp = tmp_path_factory.mktemp("people")
     pd.DataFrame({"path": paths}).to_csv(tmp / "people.csv", index=False)
     result = daskmv.run(str(tmp / "people.csv"), "relight", str(tmp / "out"), client=client, progress="none")
@@ -122,7 +126,7 @@ def test_relight_on_real_people_keeps_every_image_and_finds_the_people(people_ru
         np.testing.assert_array_equal(arrays["input"], cv2.cvtColor(source, cv2.COLOR_BGR2RGB))
         mask = arrays["mask"]
         inside = mask >= 128
-        assert 0.2 < inside.mean() < 0.9
+        assert iou(mask, known_mask(row["path"])) >= 0.9  # 0.93 (the Moon behind the crew) and 0.97 measured
         assert row["mask_coverage"] == pytest.approx(inside.mean())
         for x, y in PEOPLE_FACES[Path(row["path"]).name]:
             assert inside[y - 10 : y + 10, x - 10 : x + 10].all(), (row["path"], x, y)
@@ -139,14 +143,14 @@ def test_relight_on_real_people_keeps_every_image_and_finds_the_people(people_ru
 
 # -- segment ------------------------------------------------------------------------------------------
 def test_default_segmenter_on_people_pasted_onto_other_backgrounds():
-    """Known masks: the default segmenter's own mask of a real photo, pasted with the person onto five
-    other backgrounds (four real street photos, one texture). README: mean IoU 0.96, worst 0.86."""
-    people = shared_data("people")
+    """Known masks: each real photo's person cut out with its hand-made mask (not the segmenter's) and
+    pasted onto five other backgrounds (four real street photos, one texture), so the mask is the exact
+    truth of each composite. README: mean IoU 0.95, worst 0.83 (measured 0.953 and 0.827)."""
     backgrounds = sorted(glob.glob(str(shared_data("sacre_coeur") / "**" / "*.jpg"), recursive=True))[:4]
     scores = []
     for name in PEOPLE_FACES:
-        image, _ = decode_image((people / name).read_bytes())
-        truth = run_ops("segment", [{"id": name, "image": image}])[0]["mask"]
+        image, _ = decode_image((PEOPLE / name).read_bytes())
+        truth = known_mask(name)
         h, w = truth.shape
         others = [textured_background(h, w, 1)] + [
             cv2.resize(decode_image(Path(b).read_bytes())[0], (w, h), interpolation=cv2.INTER_AREA)
@@ -155,7 +159,7 @@ def test_default_segmenter_on_people_pasted_onto_other_backgrounds():
                 for k, bg in enumerate(others)]
         scores += [iou(row["mask"], truth) for row in run_ops("segment", rows)]
     assert len(scores) == 10
-    assert np.mean(scores) >= 0.9 and min(scores) >= 0.8, scores
+    assert np.mean(scores) >= 0.94 and min(scores) >= 0.81, scores
 
 
 @pytest.fixture(scope="module")
@@ -209,7 +213,7 @@ def test_mask_column_backend_reads_masks_of_any_form(client, tmp_path, run_opts)
         rows.append({"path": Path(path).name, "mask_file": mask_file.name, "form": form})
     pd.DataFrame(rows).to_csv(tmp_path / "m.csv", index=False)
     result = daskmv.run(str(tmp_path / "m.csv"), [{"segment": {"mask_column": "mask_file"}}], str(tmp_path / "out"),
-                        client=client, **run_opts)
+                        client=client, max_error_rate=1.0, **run_opts)
     frame = result.manifest().set_index("form")
     manifest = str(tmp_path / "out" / "manifest.parquet")
     for k, form in enumerate(["full", "half", "alpha"]):
@@ -252,7 +256,7 @@ def test_fast_surrounds_give_nearly_the_albedo_of_full_size_blurs(monkeypatch):
     import daskmv.imaging.retinex as retinex
 
     for name in PEOPLE_FACES:
-        image, _ = decode_image((shared_data("people") / name).read_bytes())
+        image, _ = decode_image((PEOPLE / name).read_bytes())
         row = run_ops("segment,albedo", [{"id": name, "image": image}])[0]
         with monkeypatch.context() as patch:
             patch.setattr(retinex, "gaussian_blur", lambda x, sigma: exact_blur(x, sigma, sigma))
@@ -260,7 +264,7 @@ def test_fast_surrounds_give_nearly_the_albedo_of_full_size_blurs(monkeypatch):
             patch.setattr(retinex, "blur_on_grid", lambda x, sigma, full: exact_blur(x, sigma, sigma))
             exact = run_ops("albedo", [{"id": name, "image": image, "mask": row["mask"]}])[0]["albedo"]
         diff = np.abs(row["albedo"].astype(int) - exact.astype(int))[row["mask"] >= 128]
-        assert diff.mean() < 1.0 and np.percentile(diff, 99) <= 3, (name, diff.mean())
+        assert diff.mean() < 0.75 and np.percentile(diff, 99) <= 3, (name, diff.mean())  # 0.10 and 0.49 measured
 
 
 @pytest.mark.parametrize("kind", degrade_module.KINDS)
@@ -323,7 +327,9 @@ def test_relight_reruns_are_bit_identical(client, tmp_path, run_opts):
     spec = [{"relight": {"segment": {"mask_column": "mask_file"}}}]
     runs = [daskmv.run(str(tmp_path / "m.csv"), spec, str(tmp_path / f"out{k}"), client=client, **run_opts)
             for k in range(2)]
-    a, b = (r.manifest().drop(columns=["seconds"]) for r in runs)
+    from conftest import without_refs
+
+    a, b = (without_refs(r.manifest()) for r in runs)
     pd.testing.assert_frame_equal(a, b)
     for row_id in a["id"]:
         for name in IMAGES:
@@ -333,7 +339,7 @@ def test_relight_reruns_are_bit_identical(client, tmp_path, run_opts):
 
 @pytest.mark.slow
 def test_awkward_files_give_a_result_or_a_clear_error(client, tmp_path, run_opts):
-    image = shared_data("people") / "astronaut_eileen_collins_nasa.png"
+    image = PEOPLE / "astronaut_eileen_collins_nasa.jpg"
     rgb = cv2.imread(str(image), cv2.IMREAD_COLOR)
     cv2.imwrite(str(tmp_path / "gray.png"), cv2.cvtColor(rgb, cv2.COLOR_BGR2GRAY))
     cv2.imwrite(str(tmp_path / "rgba.png"), np.dstack([rgb, np.full(rgb.shape[:2], 200, np.uint8)]))
@@ -342,7 +348,8 @@ def test_awkward_files_give_a_result_or_a_clear_error(client, tmp_path, run_opts
     (tmp_path / "corrupt.jpg").write_bytes((tmp_path / "good.jpg").read_bytes()[:2000])
     names = ["gray.png", "rgba.png", "deep.png", "good.jpg", "corrupt.jpg"]
     pd.DataFrame({"path": names}).to_csv(tmp_path / "m.csv", index=False)
-    result = daskmv.run(str(tmp_path / "m.csv"), "relight", str(tmp_path / "out"), client=client, **run_opts)
+    result = daskmv.run(str(tmp_path / "m.csv"), "relight", str(tmp_path / "out"), client=client, max_error_rate=1.0,
+                        **run_opts)
     frame = result.manifest().set_index("path")
     assert "cannot decode image" in frame.loc["corrupt.jpg", "error"] or "read:" in frame.loc["corrupt.jpg", "error"]
     for name in ["gray.png", "rgba.png", "deep.png", "good.jpg"]:
@@ -413,7 +420,8 @@ def test_export_png_writes_the_seed_style_files_and_the_csv_points_at_them(clien
     pd.DataFrame({"path": paths, "mask_file": masks}).to_csv(tmp_path / "m.csv", index=False)
     spec = [{"relight": {"segment": {"mask_column": "mask_file"}}}]
     out = tmp_path / "out"
-    result = daskmv.run(str(tmp_path / "m.csv"), spec, str(out), client=client, export="png", **run_opts)
+    result = daskmv.run(str(tmp_path / "m.csv"), spec, str(out), client=client, export="png", max_error_rate=1.0,
+                        **run_opts)
     frame = result.manifest()
     csv = pd.read_csv(out / "manifest.csv").set_index("id")
     files = {"output": "output_image", "input": "input", "albedo": "albedo", "degraded_fg": "degraded_fg",
@@ -469,7 +477,7 @@ def test_default_segmenter_is_safe_from_several_threads():
 
     from daskmv.ops.segment import SelfieSegmenter
 
-    image, _ = decode_image((shared_data("people") / "astronaut_eileen_collins_nasa.png").read_bytes())
+    image, _ = decode_image((PEOPLE / "astronaut_eileen_collins_nasa.jpg").read_bytes())
     images = [np.ascontiguousarray(np.roll(image, 8 * k, axis=1)) for k in range(8)]
     segmenter = SelfieSegmenter("auto")
     alone = [segmenter.one(im) for im in images]
