@@ -4,7 +4,8 @@
   ``GPU=1``) when CUDA GPUs are present, else a ``distributed.LocalCluster`` of worker processes;
 - ``tcp://host:port`` (or any scheduler address): join a running scheduler;
 - ``slurm`` or ``slurm:PROFILE``: a dask-jobqueue ``SLURMCluster`` (``--workers`` counts jobs), from the
-  Dask config's ``jobqueue`` settings, kept at strength as jobs end;
+  Dask config's ``jobqueue`` settings, kept at strength as jobs end; where neither the profile nor the
+  call sets ``cores``/``memory``, one job is the partition's smallest node, as ``sinfo`` reports it;
 - a ``Client`` passed in by the caller (Jupyter): used as it is, never closed by daskmv.
 
 :func:`connect` hands back a plain ``distributed.Client``.
@@ -15,8 +16,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
+import shutil
 import socket
-from collections.abc import Callable, Iterator
+import subprocess
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import dask
@@ -41,6 +45,110 @@ def gpu_count() -> int:
         return int(torch.cuda.device_count())
     except Exception:  # a broken driver or CUDA build: treat as no GPU
         return 0
+
+
+def cpu_count(env: Mapping[str, str] | None = None) -> int:
+    """The cores this process may use: ``dask.system.CPU_COUNT`` (the machine, CPU affinity and the cgroup
+    quota), and no more than the SLURM allocation on this node when run inside a SLURM job (which binds
+    no cores where the site runs SLURM without a task/affinity or cgroup plugin)."""
+    env = os.environ if env is None else env
+    count = int(dask.system.CPU_COUNT)
+    for key in ("SLURM_CPUS_PER_TASK", "SLURM_CPUS_ON_NODE"):
+        value = env.get(key, "")
+        if value.isdigit() and int(value) > 0:
+            return max(1, min(count, int(value)))
+    return max(1, count)
+
+
+#: A worker's GPU, set by hand: an index into the devices the worker sees (``cuda:<DASKMV_GPU>``).
+GPU_ENV = "DASKMV_GPU"
+_NAME_INDEX = re.compile(r"-(\d+)$")
+
+
+def worker_gpu(n_devices: int, env: Mapping[str, str], name: Any = None, dask_cuda: bool = False,
+               host_workers: Sequence[str] = (), address: str | None = None) -> int | None:
+    """Which of the ``n_devices`` CUDA devices a worker process should use (None: no GPU, run on CPU).
+
+    The rule, first match wins (README, "Clusters"; deploy/multinode.md):
+
+    1. ``DASKMV_GPU=<i>`` in the worker's environment: device ``i``;
+    2. one visible device (``CUDA_VISIBLE_DEVICES`` pinned to one GPU, SLURM ``--gres=gpu:1``): device 0;
+    3. a dask-cuda worker (``LocalCUDACluster``, ``dask cuda worker``): device 0, which dask-cuda's
+       ``CUDA_VISIBLE_DEVICES`` makes the worker's own GPU;
+    4. a local rank: ``LOCAL_RANK``, or ``SLURM_LOCALID`` in a worker that ``srun`` started as one task
+       of a step (``SLURM_STEP_ID`` set; a batch script's workers all have ``SLURM_LOCALID=0``);
+    5. a worker name ending in ``-<k>``: ``dask worker --nworkers N --name X`` names its workers X-0 ..
+       X-(N-1), and dask-jobqueue jobs with ``processes`` > 1 do the same;
+    6. the worker's position among the workers on its host (their addresses, sorted), ``host_workers``;
+
+    taken modulo ``n_devices`` in 4-6. Nothing known (a process that is not a worker): device 0.
+    """
+    if n_devices <= 0:
+        return None
+    chosen = env.get(GPU_ENV, "").strip()
+    if chosen:
+        if not chosen.isdigit() or int(chosen) >= n_devices:
+            raise ValueError(f"{GPU_ENV}={chosen!r}: this worker sees {n_devices} CUDA device(s) (0-{n_devices - 1})")
+        return int(chosen)
+    if n_devices == 1 or dask_cuda:
+        return 0
+    for key in ("LOCAL_RANK", "SLURM_LOCALID"):
+        rank = env.get(key, "").strip()
+        if rank.isdigit() and (key != "SLURM_LOCALID" or env.get("SLURM_STEP_ID")):
+            return int(rank) % n_devices
+    found = _NAME_INDEX.search(str(name)) if name is not None else None
+    if found:
+        return int(found.group(1)) % n_devices
+    if address is not None and address in host_workers:
+        return sorted(host_workers).index(address) % n_devices
+    return 0
+
+
+def worker_device() -> str:
+    """The torch device for GPU ops in this process: ``cuda:<i>`` by :func:`worker_gpu`, or ``cpu``."""
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            return "cpu"
+        n_devices = int(torch.cuda.device_count())
+    except ImportError:
+        return "cpu"
+    name, address, dask_cuda, peers = None, None, False, ()
+    try:
+        from distributed import get_worker
+
+        worker = get_worker()
+    except ValueError:  # not inside a Dask worker: the default device
+        worker = None
+    if worker is not None:
+        name, address = worker.name, worker.address
+        if address in _WORKER_DEVICES:  # chosen once per worker: its models stay on one device
+            return _WORKER_DEVICES[address]
+        dask_cuda = any(type(p).__module__.startswith("dask_cuda") for p in worker.plugins.values())
+        if n_devices > 1 and not dask_cuda:
+            peers = _host_workers(worker)
+    index = worker_gpu(n_devices, os.environ, name, dask_cuda, peers, address)
+    device = "cpu" if index is None else f"cuda:{index}"
+    if address is not None:
+        _WORKER_DEVICES[address] = device
+    return device
+
+
+_WORKER_DEVICES: dict[str, str] = {}
+
+
+def _host_workers(worker: Any) -> list[str]:
+    """Addresses of the workers on this worker's host that declare a GPU as this one does (or not)."""
+    try:
+        from distributed import get_client
+
+        workers = get_client().scheduler_info(n_workers=-1)["workers"]
+    except Exception:  # no scheduler to ask: no position
+        return []
+    gpu = bool(worker.state.total_resources.get("GPU"))
+    return [addr for addr, info in workers.items() if info.get("host") == worker.ip
+            and bool(info.get("resources", {}).get("GPU")) == gpu]
 
 
 def _dashboard_address(preferred: int = 8787) -> str:
@@ -90,7 +198,7 @@ def _start_local(workers: int | None, threads_per_worker: int, **kwargs: Any) ->
         else:
             return LocalCUDACluster(n_workers=workers or n_gpus, threads_per_worker=threads_per_worker,
                                     resources={"GPU": 1}, **kwargs)
-    return LocalCluster(n_workers=workers or os.cpu_count() or 1, threads_per_worker=threads_per_worker,
+    return LocalCluster(n_workers=workers or cpu_count(), threads_per_worker=threads_per_worker,
                         processes=True, **kwargs)
 
 
@@ -116,7 +224,7 @@ def connect(
         return
     if cluster == "slurm" or cluster.startswith("slurm:"):
         profile = cluster.partition(":")[2] or None
-        with slurm(profile, jobs=workers, **cluster_kwargs) as sc, Client(sc) as client:
+        with slurm(profile, jobs=workers, note=note, **cluster_kwargs) as sc, Client(sc) as client:
             note(f"SLURM cluster{' ' + profile if profile else ''}: jobs submitted; dashboard: "
                  f"{client.dashboard_link}; waiting for the first worker (squeue shows the jobs)")
             client.wait_for_workers(1, timeout=SLURM_START_TIMEOUT)
@@ -140,19 +248,22 @@ SLURM_START_TIMEOUT = float(os.environ.get("DASKMV_SLURM_START_TIMEOUT", 1800))
 
 
 def slurm(profile: str | None = None, jobs: int | None = None, minimum_jobs: int | None = None,
-                  maximum_jobs: int | None = None, **job_kwargs: Any) -> Any:
+                  maximum_jobs: int | None = None, note: Callable[[str], None] = log.info, **job_kwargs: Any) -> Any:
     """A dask-jobqueue ``SLURMCluster`` kept at ``jobs`` jobs (or adaptive between min and max).
 
     ``profile`` names a ``jobqueue.<profile>`` block of the Dask config (see deploy/slurm/jobqueue.yaml);
     ``job_kwargs`` override its keys (cores, memory, processes, queue, account, walltime,
-    job_extra_directives, worker_extra_args, interface, scheduler_options, ...). daskmv invents no SLURM
-    setting of its own. Jobs that end (walltime, scancel, node failure) are replaced by the adaptive
-    scaler, so a run outlives its workers; finished partitions stay finished.
+    job_extra_directives, worker_extra_args, interface, scheduler_options, ...). Where neither sets
+    ``cores`` or ``memory``, they come from ``sinfo``: the smallest node of the partition (``queue``, else
+    SLURM's default partition), one worker process per core unless ``processes`` is set; ``note`` says what
+    was chosen. Jobs that end (walltime, scancel, node failure) are replaced by the adaptive scaler, so a
+    run outlives its workers; finished partitions stay finished.
     """
     try:
         from dask_jobqueue import SLURMCluster
     except ImportError:
         raise UsageError("--cluster slurm needs dask-jobqueue: pip install 'daskmv[slurm]'") from None
+    job_kwargs.update(_node_size_from_sinfo(profile, job_kwargs, note))
     try:
         cluster = SLURMCluster(config_name=profile, **job_kwargs) if profile else SLURMCluster(**job_kwargs)
     except KeyError:
@@ -164,6 +275,80 @@ def slurm(profile: str | None = None, jobs: int | None = None, minimum_jobs: int
     high = maximum_jobs if maximum_jobs is not None else max(low, jobs or 1)
     cluster.adapt(minimum_jobs=low, maximum_jobs=high)
     return cluster
+
+
+def _node_size_from_sinfo(profile: str | None, job_kwargs: dict[str, Any],
+                          note: Callable[[str], None]) -> dict[str, Any]:
+    """``cores``/``memory`` (and ``processes``) for the keys that neither ``job_kwargs`` nor the profile set."""
+    settings = dask.config.get(f"jobqueue.{profile or 'slurm'}", default=None)
+    if not isinstance(settings, dict):
+        return {}  # no such profile: SLURMCluster says so
+    value = {key: job_kwargs[key] if key in job_kwargs else settings.get(key)
+             for key in ("cores", "memory", "processes", "queue")}
+    if value["cores"] is not None and value["memory"] is not None:
+        return {}
+    what = f"--cluster slurm{':' + profile if profile else ''}"
+    partition = value["queue"] or default_partition()
+    cores, memory_mb = node_size(partition)
+    chosen: dict[str, Any] = {}
+    if value["cores"] is None:
+        chosen["cores"] = cores
+        if value["processes"] is None:
+            chosen["processes"] = cores  # one single-threaded worker per core, like --cluster local
+    if value["memory"] is None:
+        chosen["memory"] = slurm_memory(memory_mb)
+    note(f"{what}: {', '.join(f'{k}={v}' for k, v in chosen.items())} per job, from sinfo (the smallest node "
+         f"of partition {partition}); set cores/memory in the profile or --config cluster_kwargs to choose")
+    return chosen
+
+
+def _sinfo(*args: str) -> str:
+    if shutil.which("sinfo") is None:
+        raise UsageError("--cluster slurm: no cores/memory set and no sinfo to ask; set cores and memory in "
+                         "the jobqueue profile or in --config cluster_kwargs (deploy/slurm/slurm-site.example.yaml)")
+    proc = subprocess.run(["sinfo", "-h", *args], capture_output=True, text=True, timeout=60)
+    if proc.returncode != 0:
+        raise UsageError(f"--cluster slurm: sinfo {' '.join(args)} failed: {proc.stderr.strip() or proc.returncode}")
+    return proc.stdout
+
+
+def default_partition() -> str:
+    """SLURM's default partition (the one ``sinfo`` marks with ``*``)."""
+    names = _sinfo("-o", "%P").split()
+    for name in names:
+        if name.endswith("*"):
+            return name[:-1]
+    raise UsageError("--cluster slurm: SLURM has no default partition; name one (queue: in the profile or "
+                     "--config cluster_kwargs)")
+
+
+def node_size(partition: str) -> tuple[int, int]:
+    """CPUs and memory (MB) of the smallest node of ``partition``, from ``sinfo``."""
+    found = parse_node_sizes(_sinfo("-N", "-p", partition, "-o", "%c %m"))
+    if found is None:
+        raise UsageError(f"--cluster slurm: sinfo lists no node with CPUs and memory in partition {partition!r}; "
+                         "set cores and memory in the jobqueue profile or in --config cluster_kwargs")
+    return found
+
+
+def parse_node_sizes(text: str) -> tuple[int, int] | None:
+    """The smallest CPU count and the smallest memory (MB) in ``sinfo -o "%c %m"`` lines (None: no node)."""
+    cpus, mems = [], []
+    for line in text.splitlines():
+        fields = line.split()
+        if len(fields) < 2:
+            continue
+        c, m = fields[0].rstrip("+"), fields[1].rstrip("+")
+        if c.isdigit() and m.isdigit() and int(c) > 0 and int(m) > 0:
+            cpus.append(int(c))
+            mems.append(int(m))
+    return (min(cpus), min(mems)) if cpus else None
+
+
+def slurm_memory(megabytes: int) -> str:
+    """A node's memory (SLURM's MB, i.e. MiB) as a Dask memory string, rounded down to whole GiB: dask-jobqueue
+    rounds ``--mem`` up, and a job asking for more than a node's RealMemory never starts."""
+    return f"{megabytes // 1024}GiB" if megabytes >= 1024 else f"{megabytes}MiB"
 
 
 def worker_summary(client: Client) -> dict[str, Any]:

@@ -189,17 +189,15 @@ def _time(text: str) -> dt.datetime:
 def _timeline(facts: RunFacts) -> str:
     if not facts.markers:
         return "<section id='timeline'><h2>Timeline</h2><p>No partition has finished yet.</p></section>"
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: the caller's backend and figures stay as they are
 
     start = min(_time(m["started"]) for m in facts.markers)
     workers = sorted({str(m.get("worker") or m.get("host")) for m in facts.markers})
     lane = {w: i for i, w in enumerate(workers)}
     failures = facts.run.get("failed_attempts", [])
     height = 1.2 + 0.35 * (len(workers) + (1 if failures else 0))
-    fig, (gantt, rate) = plt.subplots(2, 1, figsize=(9, height + 2.2), gridspec_kw={"height_ratios": [height, 2.2]})
+    fig = Figure(figsize=(9, height + 2.2))
+    gantt, rate = fig.subplots(2, 1, gridspec_kw={"height_ratios": [height, 2.2]})
     for m in facts.markers:
         t0 = (_time(m["started"]) - start).total_seconds()
         t1 = (_time(m["finished"]) - start).total_seconds()
@@ -229,7 +227,6 @@ def _timeline(facts: RunFacts) -> str:
     fig.tight_layout()
     buf = io.StringIO()
     fig.savefig(buf, format="svg")
-    plt.close(fig)
     svg = buf.getvalue()
     svg = svg[svg.index("<svg"):]  # drop the XML prolog and doctype: inline SVG in HTML
     return f"<section id='timeline'><h2>Timeline</h2>{svg}</section>"

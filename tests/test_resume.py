@@ -72,7 +72,7 @@ def test_a_changed_pass_through_column_is_carried_without_recomputing(tmp_path, 
     frame["label"] = frame["label"] + 100  # read by no op: the outputs stay valid, the manifest must follow
     frame.to_csv(tmp_path / "m.csv", index=False)
     r = daskmv.run(str(tmp_path / "m.csv"), "resize", out, client=client, **run_opts)
-    assert not r.computed_partitions and r.skipped_partitions == first.computed_partitions
+    assert not r.computed_partitions and sorted(r.skipped_partitions) == sorted(first.computed_partitions)
     got = r.manifest()
     assert got["label"].tolist() == frame["label"].tolist()
     assert got["resized_path"].tolist() == first.manifest()["resized_path"].tolist()

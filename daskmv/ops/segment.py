@@ -154,23 +154,81 @@ class Segment(Op):
             return exc
 
 
+#: What LiteRT prints from C++ to file descriptor 2 the first time a process creates its XNNPACK delegate.
+LITERT_BANNER = b"INFO: Created TensorFlow Lite XNNPACK delegate for CPU."
+_BANNER_LOCK = threading.Lock()
+_BANNER_SEEN = False
+
+
 @contextlib.contextmanager
-def _quiet_stderr() -> Iterator[None]:
-    """Silence file descriptor 2 (C++ logging included) for a moment; nothing to do where it is closed."""
+def _without_litert_banner() -> Iterator[None]:
+    """Drop LiteRT's one-line banner from stderr, and nothing else.
+
+    LiteRT logs from C++, with no Python switch and no environment variable that silences it, once per
+    process. The first interpreter of a process is therefore made with file descriptor 2 pointing into a
+    pipe, and a thread copies every byte that arrives there to the real stderr except that line: whatever
+    other threads print meanwhile is passed on in order, not lost. Later interpreters print nothing and
+    leave stderr alone. Where fd 2 is closed, nothing is done.
+    """
+    global _BANNER_SEEN
+    with _BANNER_LOCK:
+        if _BANNER_SEEN:
+            yield
+            return
+        try:
+            sys.stderr.flush()
+            restore, forward_to = os.dup(2), os.dup(2)
+        except (OSError, ValueError, AttributeError):
+            _BANNER_SEEN = True
+            yield
+            return
+        read_end, write_end = os.pipe()
+        forwarder = threading.Thread(target=_forward_stderr, args=(read_end, forward_to), daemon=True,
+                                     name="daskmv-stderr")
+        forwarder.start()
+        os.dup2(write_end, 2)
+        os.close(write_end)
+        try:
+            yield
+        finally:
+            with contextlib.suppress(Exception):
+                sys.stderr.flush()
+            os.dup2(restore, 2)  # closes the pipe's last writer here: the forwarder drains it and ends
+            os.close(restore)
+            _BANNER_SEEN = True
+            forwarder.join(timeout=5)  # a child process forked meanwhile may hold the pipe: do not wait on it
+
+
+def _forward_stderr(read_end: int, forward_to: int) -> None:
+    """Copy the pipe to ``forward_to`` as it arrives, holding back only what could still become the banner."""
+    held = b""
     try:
-        sys.stderr.flush()
-        saved = os.dup(2)
-    except (OSError, ValueError, AttributeError):
-        yield
-        return
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    try:
-        os.dup2(devnull, 2)
-        yield
+        while True:
+            chunk = os.read(read_end, 65536)
+            if not chunk:
+                break
+            held += chunk
+            out = []
+            while b"\n" in held:
+                line, held = held.split(b"\n", 1)
+                if line.rstrip(b"\r") != LITERT_BANNER:
+                    out.append(line + b"\n")
+            if held and not LITERT_BANNER.startswith(held):
+                out.append(held)
+                held = b""
+            if out:
+                _write_all(forward_to, b"".join(out))
+        if held:
+            _write_all(forward_to, held)
     finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(devnull)
+        os.close(read_end)
+        os.close(forward_to)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    with contextlib.suppress(OSError):
+        while data:
+            data = data[os.write(fd, data):]
 
 
 def _has(package: str) -> bool:
@@ -222,7 +280,7 @@ class SelfieSegmenter:
             from daskmv.models import selfie_model
 
             found = {}
-            with _quiet_stderr():  # LiteRT prints an INFO line about its CPU delegate from C++
+            with _without_litert_banner():  # LiteRT prints an INFO line about its CPU delegate from C++
                 for landscape in (False, True):
                     it = Interpreter(model_path=str(selfie_model(landscape)), num_threads=1)
                     it.allocate_tensors()
