@@ -42,7 +42,7 @@ from distributed.diagnostics.plugin import WorkerPlugin
 from daskmv.arrays import PartitionArray, Sink
 from daskmv.errors import RowError, SetupFailed
 from daskmv.paths import resolve_path
-from daskmv.ops.base import Op, Output, Row, is_infrastructure_error, is_out_of_memory
+from daskmv.ops.base import Op, Output, Row, is_infrastructure_error, is_out_of_memory, split_input
 from daskmv.ops.image import load_inputs
 from daskmv.store import (LEASE_REFRESH, PARTS, ZARR, Marker, Store, attempt_name, new_token, now,
                           partition_name, ref_tokens)
@@ -457,10 +457,10 @@ def _loaded_batches(
     size = max(1, task.batch_size)
     if not wanted - {"manifest_base"}:
         for start in range(0, len(records), size):
-            yield [(i, {}, 0.0) for i in range(start, min(start + size, len(records)))]
+            yield [(i, _upstream_error(records[i]) or {}, 0.0) for i in range(start, min(start + size, len(records)))]
         return
     if task.decode_threads <= 0:  # load on this thread: no overlap, no thread switching
-        loaded = ((i, *_load_row(_row_url(records[i], task), wanted, task.decode_scale)) for i in range(len(records)))
+        loaded = ((i, *_load_row(records[i], wanted, task)) for i in range(len(records)))
     else:
         loaded = _load_ahead(records, wanted, task)
     batch, held = [], 0
@@ -498,7 +498,7 @@ def _load_ahead(records: list[Row], wanted: frozenset[str], task: PartitionTask)
             i = next(todo, None)
             if i is None:
                 return
-            pending.append((i, pool.submit(_load_row, _row_url(records[i], task), wanted, task.decode_scale)))
+            pending.append((i, pool.submit(_load_row, records[i], wanted, task)))
 
     fill()
     while pending:
@@ -516,23 +516,89 @@ def _loaded_bytes(loaded: Row | BaseException) -> int:
     return sum(getattr(v, "nbytes", None) or (len(v) if isinstance(v, bytes) else 0) for v in loaded.values())
 
 
-def _row_url(record: Row, task: PartitionTask) -> str:
-    path = record.get(task.path_column)
-    return "" if path is None or pd.isna(path) else resolve_path(str(path), task.base)
+def _row_url(record: Row, task: PartitionTask, column: str | None = None) -> str:
+    path = record.get(column or task.path_column)
+    return "" if path is None or not isinstance(path, str) and pd.isna(path) else resolve_path(str(path), task.base)
 
 
-def _load_row(url: str, wanted: frozenset[str], scale: int = 1) -> tuple[Row | BaseException, float]:
-    """A row's loader inputs, or the row's error; an I/O fault of the machine (not of the file) raises."""
+#: The column a reshape adds for rows whose parent failed in an earlier stage: they fail here too, visibly.
+UPSTREAM_ERROR = "upstream_error"
+
+
+class UpstreamError(RowError):
+    """The row's parent failed in an earlier stage (its error column says how)."""
+
+
+def _upstream_error(record: Row) -> UpstreamError | None:
+    message = record.get(UPSTREAM_ERROR)
+    if message is None or not isinstance(message, str):
+        return None
+    return UpstreamError(message)
+
+
+def _load_row(record: Row, wanted: frozenset[str], task: PartitionTask) -> tuple[Row | BaseException, float]:
+    """A row's loader inputs, or the row's error; an I/O fault of the machine (not of the file) raises.
+
+    Plain inputs come from the row's ``path``; ``<kind>:<column>`` ones from the file (or, for ``array``, the
+    stored array) that another column names.
+    """
     t = time.perf_counter()
     try:
-        if not url:
-            raise RowError("no file path in this row")
-        loaded: Row | BaseException = load_inputs(url, wanted, scale)
+        upstream = _upstream_error(record)
+        if upstream is not None:
+            raise upstream
+        loaded: Row | BaseException = {}
+        for column, kinds in _by_column(wanted).items():
+            loaded.update(_load_column(record, column, kinds, task))
     except Exception as exc:
         if is_infrastructure_error(exc):
             raise  # a network filesystem timing out, an unmounted volume: retry the partition, not the row
         loaded = exc  # a missing, unreadable or corrupt file belongs to this row
     return loaded, time.perf_counter() - t
+
+
+def _by_column(wanted: frozenset[str]) -> dict[str | None, frozenset[str]]:
+    """Loader inputs grouped by the column they read (None: the row's ``path``)."""
+    groups: dict[str | None, set[str]] = {}
+    for name in wanted:
+        kind, column = split_input(name)
+        if name != "manifest_base":
+            groups.setdefault(column, set()).add(kind)
+    return {column: frozenset(kinds) for column, kinds in groups.items()}
+
+
+def _load_column(record: Row, column: str | None, kinds: frozenset[str], task: PartitionTask) -> Row:
+    if column is None:
+        url = _row_url(record, task)
+        if not url:
+            raise RowError("no file path in this row")
+        return load_inputs(url, kinds, task.decode_scale)
+    value = record.get(column)
+    if value is None or not isinstance(value, str) or not value:
+        raise RowError(f"no value in column {column!r}")
+    out: Row = {}
+    if "array" in kinds:
+        out[f"array:{column}"] = _read_reference(value, task)
+    files = kinds - {"array"}
+    if files:
+        got = load_inputs(resolve_path(value, task.base), files, task.decode_scale)
+        out.update({f"{kind}:{column}": got[kind] for kind in files})
+    return out
+
+
+def _read_reference(ref: str, task: PartitionTask) -> Any:
+    """The array behind a reference of an earlier run (relative to this run's manifest)."""
+    from daskmv.arrays import read_array_row
+    from daskmv.store import parse_ref
+
+    try:
+        path, row = parse_ref(ref)
+    except ValueError as exc:
+        raise RowError(str(exc)) from None
+    try:
+        return read_array_row(resolve_path(path, task.base), row, task.storage_options or None)
+    except FileNotFoundError:
+        raise RowError(f"the array {ref!r} is not there") from None
 
 
 def _apply(prepared: PreparedPipeline, k: int, rows: list[Row], batch_size: int, res: RowResults) -> list[Row | BaseException]:
@@ -612,6 +678,8 @@ def _coerce(spec: Output, value: Any) -> Any:
 
 def _format_error(op: str, exc: BaseException) -> str:
     text = str(exc).strip().replace("\n", " ") or "(no message)"
+    if isinstance(exc, UpstreamError):
+        return f"upstream: {text}"
     if isinstance(exc, RowError):
         return f"{op}: {text}"
     return f"{op}: {type(exc).__name__}: {text}"

@@ -18,6 +18,7 @@ import yaml
 
 from daskmv.errors import PipelineError
 from daskmv.ops import LOADER_INPUTS, Op, Output, get_op_class
+from daskmv.ops.base import COLUMN_KINDS, is_loader_input, split_input
 from daskmv.ops.registry import PIPELINES, register_pipeline
 
 __all__ = ["PIPELINES", "Pipeline", "register_pipeline"]
@@ -115,14 +116,17 @@ class Pipeline:
     def loader_inputs(self) -> frozenset[str]:
         """What the loader must make from each row's file (empty: no file is read)."""
         produced = {out.name for out in self.outputs}
-        return frozenset(n for op in self.ops for n in op.input_names() if n in LOADER_INPUTS and n not in produced)
+        return frozenset(n for op in self.ops for n in op.input_names() if is_loader_input(n) and n not in produced)
 
     def column_inputs(self, columns: Sequence[str]) -> list[str]:
         """The manifest columns the ops read (not made by an earlier op): part of each row's identity."""
         produced: set[str] = set()
         found: list[str] = []
         for op in self.ops:
-            found += [n for n in op.input_names() if n in columns and n not in produced and n not in found]
+            for name in op.input_names():
+                column = split_input(name)[1] or name
+                if column in columns and column not in produced and column not in found:
+                    found.append(column)
             produced |= {out.name for out in op.output_specs()}
         return found
 
@@ -140,7 +144,7 @@ class Pipeline:
         for op in self.ops:
             for out in op.output_specs():
                 for name in {out.name, out.column}:
-                    if name in RESERVED_COLUMNS or name in LOADER_INPUTS:
+                    if name in RESERVED_COLUMNS or name in LOADER_INPUTS or ":" in name:
                         raise PipelineError(f"op {op.name!r}: output name {name!r} is reserved")
                     if name in seen:
                         raise PipelineError(f"ops {seen[name]!r} and {op.name!r} both write {name!r}")
@@ -154,6 +158,12 @@ class Pipeline:
         available = set(columns)
         for op in self.ops:
             for name in op.input_names():
+                kind, column = split_input(name)
+                if column is not None and name not in available:
+                    if column not in columns:
+                        raise PipelineError(f"op {op.name!r} reads {name!r}, but the manifest has no column {column!r} "
+                                            f"(columns: {', '.join(columns)})")
+                    continue
                 if name in LOADER_INPUTS and name not in available:
                     if path_column not in columns:
                         raise PipelineError(
@@ -164,7 +174,8 @@ class Pipeline:
                 if name not in available:
                     raise PipelineError(
                         f"op {op.name!r} needs input {name!r}: not a manifest column, not an output of an "
-                        f"earlier op, and not one of {', '.join(LOADER_INPUTS)}"
+                        f"earlier op, and not one of {', '.join(LOADER_INPUTS)} or <kind>:<column> "
+                        f"(kinds: {', '.join(COLUMN_KINDS)})"
                     )
             available |= {out.name for out in op.output_specs()}
         written = set(self.output_columns) | set(RESERVED_COLUMNS[1:])

@@ -40,6 +40,30 @@ LOADER_INPUTS: dict[str, str] = {
 #: The loader inputs that need the row's file read.
 FILE_INPUTS = frozenset({"bytes", "image", "image_info"})
 
+#: Loader inputs from another column than ``path``: ``<kind>:<column>``. The file kinds read the file whose
+#: path is in that column (a pair row's ``image:path_a``); ``array`` reads the array output an earlier stage
+#: stored, through the reference in that column (``array:keypoints_path_a``).
+COLUMN_KINDS: dict[str, str] = {
+    "url": "the URL of the file named in <column>",
+    "bytes": "the content of the file named in <column>",
+    "image": "the decoded image of the file named in <column>",
+    "image_info": "what the file named in <column> held",
+    "array": "the array an earlier run stored, through the reference in <column> (outputs.zarr/...#row)",
+}
+
+
+def split_input(name: str) -> tuple[str, str | None]:
+    """``image:path_a`` -> (``image``, ``path_a``); a plain loader input or column -> (name, None)."""
+    kind, sep, column = name.partition(":")
+    if sep and kind in COLUMN_KINDS and column:
+        return kind, column
+    return name, None
+
+
+def is_loader_input(name: str) -> bool:
+    """Whether the engine's loader makes this input (from the row's file, another column's, or a reference)."""
+    return name in LOADER_INPUTS or split_input(name)[1] is not None
+
 Row = dict[str, Any]
 
 
