@@ -30,7 +30,7 @@ CONFIG_KEYS = {
     "pipeline", "out", "cluster", "workers", "threads_per_worker", "partition_rows", "batch_size",
     "decode_threads", "decode_scale", "path_column", "id_column", "limit", "overwrite", "retry_errors", "retries",
     "retry_delay", "window", "require_gpu", "progress", "storage_options", "cluster_kwargs", "export",
-    "max_error_rate", "worker_wait",
+    "max_error_rate", "worker_wait", "partition_by",
 }
 
 
@@ -87,6 +87,8 @@ def run(
                                          "(OUT/png/...; manifest.csv then points at them)."),
     max_error_rate: Optional[float] = typer.Option(None, help="Exit 3 when more than this fraction of the rows "
                                                    "failed (default 0.1; 1 never)."),
+    partition_by: Optional[str] = typer.Option(None, help="Keep the rows sharing this column's value in one task "
+                                               "(they must be consecutive in the manifest)."),
 ) -> None:
     """Run a pipeline over every row of MANIFEST, writing outputs and a new manifest into --out."""
     from daskmv.engine import run as run_pipeline
@@ -99,7 +101,7 @@ def run(
             "partition_rows": partition_rows, "batch_size": batch_size, "path_column": path_column,
             "id_column": id_column, "limit": limit, "retries": retries, "decode_threads": decode_threads,
             "decode_scale": decode_scale,
-            "progress": progress, "export": export, "max_error_rate": max_error_rate,
+            "progress": progress, "export": export, "max_error_rate": max_error_rate, "partition_by": partition_by,
         }
         settings.update({k: v for k, v in flags.items() if v is not None})
         for key, value in (("overwrite", overwrite), ("retry_errors", retry_errors), ("require_gpu", require_gpu)):
@@ -263,6 +265,10 @@ def status(
               f"failed {info['failed']:,}, pending {info['pending']:,}", highlight=False)
     failed = f", failed {len(info['partitions_failed'])}" if info["partitions_failed"] else ""
     out.print(f"partitions {info['partitions_done']:,}/{info['partitions']:,} done{failed}", highlight=False)
+    for stage in info.get("stages", []):
+        out.print(f"  stage {stage['index']} {stage['name']}: {stage['state']}; rows {stage['rows']:,}, done "
+                  f"{stage['done']:,} (ok {stage['ok']:,}, error {stage['error']:,}), pending {stage['pending']:,}"
+                  f"  [{stage['folder']}]", highlight=False, soft_wrap=True)
     if gc:
         garbage = info["garbage"]
         out.print(f"garbage: removed {len(garbage['attempts']):,} attempt(s), {garbage['bytes'] / 1e6:,.1f} MB",
@@ -289,6 +295,14 @@ def list_ops() -> None:
             choices = f" ({', '.join(map(str, param.choices))})" if param.choices else ""
             grid.add_row("  params" if i == 0 else "", escape(f"{key} = {param.default!r}"), escape(param.help + choices))
         out.print(grid)
+    from daskmv.reshape import RESHAPES
+
+    for name in sorted(RESHAPES):
+        step = RESHAPES[name]
+        out.print(f"[bold]{name}[/] [cyan](reshape)[/]  {escape(step.help)}", highlight=False)
+        for key, param in step.params.items():
+            choices = f" ({', '.join(map(str, param.choices))})" if param.choices else ""
+            out.print(f"    {escape(f'{key} = {param.default!r}')}  {escape(param.help + choices)}", highlight=False)
     if PIPELINES:
         out.print("[bold]named pipelines[/]: " + "; ".join(
             f"{k} = {', '.join(s['op'] for s in v)}" for k, v in sorted(PIPELINES.items())), highlight=False)

@@ -199,7 +199,10 @@ def load_output(manifest_path: str, row_id: str, column: str,
     manifest = _normalise(manifest_path)
     table = _table(manifest, storage_options)
     name = column[: -len("_path")] if column.endswith("_path") else column
-    if f"{name}_path" not in table.names:
+    ref_column = f"{name}_path"
+    if ref_column not in table.names and column in table.names and _holds_refs(table.column(column)):
+        ref_column = column  # references under another name: thumb_path_a after a `pairs` step
+    if ref_column not in table.names:
         arrays = ", ".join(_array_columns(table.names)) or "none"
         if name in table.names:
             raise ValueError(f"{name!r} in {manifest} is a column, not an array output (array outputs: {arrays}); "
@@ -208,7 +211,7 @@ def load_output(manifest_path: str, row_id: str, column: str,
     position = table.ids.get(row_id)
     if position is None:
         raise KeyError(f"no row with id {row_id!r} in {manifest}")
-    ref = table.column(f"{name}_path")[position]
+    ref = table.column(ref_column)[position]
     if ref is None or ref != ref:
         status = table.column("status")[position] if "status" in table.names else None
         error = table.column("error")[position] if "error" in table.names else None
@@ -216,6 +219,32 @@ def load_output(manifest_path: str, row_id: str, column: str,
         raise ValueError(f"row {row_id!r} has no {name!r} output in {manifest}{why if status else ''}")
     url, row = resolve_ref(manifest, ref)
     return _read(url, row, storage_options or None, table.version, manifest, row_id, name)
+
+
+def _holds_refs(values: Sequence[Any]) -> bool:
+    """Whether a column's values are array references (``...outputs.zarr/<output>/<attempt>#<row>``)."""
+    present = [v for v in values if isinstance(v, str)]
+    return bool(present) and all("outputs.zarr/" in v and v.rpartition("#")[2].isdigit() for v in present[:100])
+
+
+def artifact_path(manifest_path: str, row_id: str, output: str,
+                  storage_options: dict[str, Any] | None = None) -> str:
+    """Where one row's artifact output (a folder or file, e.g. a COLMAP model) is: a local path or a URL,
+    resolved against the manifest's folder, so a moved root still resolves."""
+    manifest = _normalise(manifest_path)
+    table = _table(manifest, storage_options)
+    column = output if output.endswith("_path") else f"{output}_path"
+    if column not in table.names:
+        raise KeyError(f"{manifest} has no artifact output {output!r}")
+    position = table.ids.get(row_id)
+    if position is None:
+        raise KeyError(f"no row with id {row_id!r} in {manifest}")
+    rel = table.column(column)[position]
+    if rel is None or rel != rel:
+        raise ValueError(f"row {row_id!r} has no {output!r} artifact in {manifest}")
+    if "://" in rel or rel.startswith("/"):
+        return rel
+    return posixpath.join(_folder(manifest), rel)
 
 
 class ManifestDataset(_DatasetBase):  # type: ignore[misc,valid-type]

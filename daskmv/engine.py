@@ -41,7 +41,7 @@ from daskmv.manifest import Manifest, read_manifest
 from daskmv.ops.image import DECODE_SCALES
 from daskmv.partition import (SETUP_ATTEMPTS, OpCache, PartitionTask, failed_partition_table, inputs_hash,
                               refresh_inputs, run_partition)
-from daskmv.pipeline import Pipeline
+from daskmv.pipeline import Pipeline, Plan
 from daskmv.progress import MODES, RunProgress
 from daskmv.store import ERRORS_LOG, LAYOUT, MANIFEST, RUN_JSON, Store, attempt_name, new_token, now
 
@@ -81,6 +81,7 @@ class RunOptions:
     export: str | None = None
     max_error_rate: float = DEFAULT_MAX_ERROR_RATE
     worker_wait: float = 600.0
+    partition_by: str | None = None
 
     def check(self) -> None:
         """Refuse any option a run cannot honour, with one line saying which and why (before anything is written)."""
@@ -128,6 +129,7 @@ class RunResult:
     skipped_partitions: list[int]
     failed_partitions: list[int]
     storage_options: dict[str, Any] = field(default_factory=dict)
+    stages: list[RunResult] = field(default_factory=list)  # a pipeline with reshape steps: each stage's result
 
     @property
     def complete(self) -> bool:
@@ -176,8 +178,13 @@ def run(
         raise UsageError(f"unknown run option(s) {', '.join(unknown)} (options: {known})")
     opts = RunOptions(**options)
     opts.check()
+    plan = Plan.parse(pipeline)
     with _system_arrow_pool():
-        return _run(manifest, pipeline, out, client, opts)
+        if plan.staged:
+            from daskmv.stages import run_stages
+
+            return run_stages(manifest, plan, out, client, opts)
+        return _run(manifest, plan.pipeline(), out, client, opts)
 
 
 @contextlib.contextmanager
@@ -193,7 +200,9 @@ def _system_arrow_pool() -> Iterator[None]:
 
 
 def _run(manifest: str | Manifest, pipeline: str | Pipeline | list[Any], out: str, client: Client | None,
-         opts: RunOptions) -> RunResult:
+         opts: RunOptions, manifest_key: str | None = None) -> RunResult:
+    """One ordinary run (one stage). ``manifest_key`` names the manifest in the root's binding instead of its
+    URL (a stage's input lives inside the root, which may move)."""
     progress = RunProgress(opts.progress)  # type: ignore[arg-type]
     pipeline = Pipeline.parse(pipeline)
     _check_export(opts.export, pipeline)
@@ -202,28 +211,25 @@ def _run(manifest: str | Manifest, pipeline: str | Pipeline | list[Any], out: st
                                  limit=opts.limit, storage_options=opts.storage_options, check=False)
     replaced = pipeline.validate(manifest.columns, manifest.path_column)
     identity = pipeline.column_inputs(manifest.columns)
-    if manifest.row_hashes is None or not set(identity) <= set(manifest.identity_columns):
+    if (manifest.row_hashes is None or not set(identity) <= set(manifest.identity_columns)
+            or manifest.partition_by != opts.partition_by):
+        manifest.partition_by = opts.partition_by
         manifest.check(identity_columns=identity)
     if replaced:
         progress.note(f"note: the pipeline's outputs replace the manifest column(s) {', '.join(replaced)}")
     store = Store(out, opts.storage_options)
     store.acquire_lock()
     try:
-        binding = {**_binding(manifest, pipeline), "export": opts.export, "decode_scale": opts.decode_scale}
-        previous = store.prepare(binding, opts.overwrite)
-        partition_rows = _known_partition_rows(previous, opts.partition_rows)
-        with connect(client or opts.cluster, workers=opts.workers, threads_per_worker=opts.threads_per_worker,
-                     note=progress.note, **opts.cluster_kwargs) as c:
-            runner = _Runner(c, manifest, pipeline, store, opts, progress)
-            return runner.run(binding, partition_rows)
-    except (OutputRootError, TooManyRowErrors):
-        raise
-    except (TimeoutError, ConnectionError, _comm_closed()) as exc:  # OSErrors too, but not the root's
-        raise RunError(f"lost contact with the Dask cluster ({type(exc).__name__}: {exc}); finished partitions "
-                       "are kept: run the same command again to resume") from None
-    except OSError as exc:
-        raise RunError(f"I/O error in the driver ({type(exc).__name__}: {exc}); finished partitions are kept: "
-                       "run the same command again to resume") from None
+        with diagnosed():
+            binding = {**_binding(manifest, pipeline), "export": opts.export, "decode_scale": opts.decode_scale}
+            if manifest_key:
+                binding["manifest"] = manifest_key
+            previous = store.prepare(binding, opts.overwrite)
+            partition_rows = _known_partition_rows(previous, opts.partition_rows)
+            with connect(client or opts.cluster, workers=opts.workers, threads_per_worker=opts.threads_per_worker,
+                         note=progress.note, **opts.cluster_kwargs) as c:
+                runner = _Runner(c, manifest, pipeline, store, opts, progress)
+                return runner.run(binding, partition_rows)
     finally:
         try:
             store.release_lock()
@@ -231,10 +237,22 @@ def _run(manifest: str | Manifest, pipeline: str | Pipeline | list[Any], out: st
             pass
 
 
-def _comm_closed() -> type[BaseException]:
+@contextlib.contextmanager
+def diagnosed() -> Iterator[None]:
+    """OSErrors that are not the output root's, named for what they are: on Python 3.11 a lost scheduler
+    (``CommClosedError``) and a timeout are OSErrors too."""
     from distributed.comm.core import CommClosedError
 
-    return CommClosedError
+    try:
+        yield
+    except (OutputRootError, TooManyRowErrors):
+        raise
+    except (TimeoutError, ConnectionError, CommClosedError) as exc:
+        raise RunError(f"lost contact with the Dask cluster ({type(exc).__name__}: {exc}); finished partitions "
+                       "are kept: run the same command again to resume") from None
+    except OSError as exc:
+        raise RunError(f"I/O error in the driver ({type(exc).__name__}: {exc}); finished partitions are kept: "
+                       "run the same command again to resume") from None
 
 
 def _check_export(export: str | None, pipeline: Pipeline) -> None:
@@ -355,7 +373,7 @@ class _Runner:
                                                  row_bytes=self.pipeline.row_bytes)
         binding = {**binding, "partition_rows": partition_rows}
         self.n_partitions = self.manifest.partition_count(partition_rows)
-        self.hashes = [self.manifest.partition_hash(k, partition_rows) for k in range(self.n_partitions)]
+        self.hashes = self.manifest.partition_hashes(partition_rows)
         self.client.register_plugin(OpCache())
         self.store.prepare_arrays([o.name for o in self.pipeline.array_outputs])
         run_doc = self._run_doc(binding, workers, state="running")

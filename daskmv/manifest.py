@@ -37,6 +37,8 @@ from daskmv.errors import ManifestError
 from daskmv.paths import resolve_path
 
 ID_COLUMN = "id"
+#: With ``partition_by``, a group must fit in one task: more rows than this is a clear error.
+MAX_GROUP_ROWS = 1_000_000
 CSV_BLOCKSIZE = "16MB"
 _STEM_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
@@ -98,6 +100,8 @@ class Manifest:
     n_rows: int | None = None
     row_hashes: np.ndarray | None = None
     identity_columns: tuple[str, ...] = ()
+    partition_by: str | None = None
+    group_starts: np.ndarray | None = None
 
     @property
     def columns(self) -> list[str]:
@@ -143,11 +147,14 @@ class Manifest:
         has_paths = self.path_column in self.columns
         identity = [c for c in identity_columns if c in self.columns]
         cols = list(dict.fromkeys([key, *([self.path_column] if has_paths else []), *identity]))
+        if self.partition_by:
+            self.require([self.partition_by])
         n_rows = 0
         hashes: list[np.ndarray] = []
         row_hashes: list[np.ndarray] = []
+        groups: list[pd.Series] = []
         schemes: set[str] = set()
-        for df in self._source_partitions(cols):
+        for df in self._source_partitions(list(dict.fromkeys([*cols, *filter(None, [self.partition_by])]))):
             n_rows += len(df)
             if len(df) == 0:
                 continue
@@ -157,6 +164,8 @@ class Manifest:
                 raise ManifestError(f"manifest {self.url}: column {key!r} is empty in row {row}")
             hashes.append(_hash_keys(keys))
             row_hashes.append(_hash_rows(df[cols]))
+            if self.partition_by:
+                groups.append(df[self.partition_by].astype(str))
             if has_paths:
                 schemes |= _schemes_in(df[self.path_column])
         self.n_rows = n_rows
@@ -167,21 +176,45 @@ class Manifest:
         _refuse_duplicates(self, np.concatenate(hashes))
         self.row_hashes = np.concatenate(row_hashes)
         self.identity_columns = tuple(cols)
+        if self.partition_by:
+            self.group_starts = _group_starts(self, pd.concat(groups, ignore_index=True))
         return self
+
+    def chunk_bounds(self, partition_rows: int) -> np.ndarray:
+        """Where each partition starts (and, last, the row count): every ``partition_rows`` rows, or with
+        ``partition_by``, at the first group boundary at or after that many rows (groups are never cut)."""
+        if self.n_rows is None:
+            raise RuntimeError("call check() first")
+        if self.group_starts is None:
+            return np.append(np.arange(0, self.n_rows, partition_rows), self.n_rows)
+        sizes = np.diff(np.append(self.group_starts, self.n_rows))
+        too_big = np.flatnonzero(sizes > MAX_GROUP_ROWS)
+        if too_big.size:
+            raise ManifestError(f"manifest {self.url}: a group of {self.partition_by!r} has {int(sizes[too_big[0]]):,} "
+                                f"rows, more than one task takes ({MAX_GROUP_ROWS:,}); split it")
+        bounds, filled = [0], 0
+        for start, size in zip(self.group_starts, sizes):
+            if filled >= partition_rows:
+                bounds.append(int(start))
+                filled = 0
+            filled += int(size)
+        return np.array([*bounds, self.n_rows])
 
     def partition_count(self, partition_rows: int) -> int:
         """How many partitions :meth:`partitions` yields (known after :meth:`check`)."""
-        if self.n_rows is None:
-            raise RuntimeError("call check() first")
-        return -(-self.n_rows // partition_rows)
+        return len(self.chunk_bounds(partition_rows)) - 1
 
-    def partition_hash(self, index: int, partition_rows: int) -> str:
-        """A digest of partition ``index``'s rows (ids, paths, the columns the pipeline reads), so a marker
-        is only trusted for exactly the same work."""
+    def partition_hashes(self, partition_rows: int) -> list[str]:
+        """A digest of each partition's rows (ids, paths, the columns the pipeline reads), so a marker is
+        only trusted for exactly the same work."""
         if self.row_hashes is None:
             raise RuntimeError("call check() first")
-        part = self.row_hashes[index * partition_rows : (index + 1) * partition_rows]
-        return hashlib.sha256(part.astype("<u8").tobytes()).hexdigest()[:20]
+        bounds = self.chunk_bounds(partition_rows)
+        return [hashlib.sha256(self.row_hashes[a:b].astype("<u8").tobytes()).hexdigest()[:20]
+                for a, b in zip(bounds[:-1], bounds[1:])]
+
+    def partition_hash(self, index: int, partition_rows: int) -> str:
+        return self.partition_hashes(partition_rows)[index]
 
     def partitions(self, partition_rows: int) -> Iterator[pd.DataFrame]:
         """Yield row chunks of exactly ``partition_rows`` rows (the last may be shorter), each with a
@@ -194,17 +227,17 @@ class Manifest:
         """
         if partition_rows < 1:
             raise ManifestError("partition_rows must be at least 1")
+        sizes = iter(np.diff(self.chunk_bounds(partition_rows)).tolist())
+        want = next(sizes, 0)
         pending: list[pd.DataFrame] = []
         held = 0
         for df in self._source_partitions():
             pending.append(df)
             held += len(df)
-            while held >= partition_rows:
-                chunk, pending, held = _take(pending, partition_rows)
+            while want and held >= want:
+                chunk, pending, held = _take(pending, want)
                 yield self.with_ids(chunk)
-        if held:
-            yield self.with_ids(pd.concat(pending, ignore_index=True) if len(pending) > 1
-                                else pending[0].reset_index(drop=True))
+                want = next(sizes, 0)
 
     def with_ids(self, df: pd.DataFrame) -> pd.DataFrame:
         """Put a string ``id`` column first: copied from the id column or derived from the path."""
@@ -220,6 +253,21 @@ class Manifest:
     def resolve(self, path: str) -> str:
         """The URL of a row's file: relative paths resolve against the manifest's own folder."""
         return resolve_path(path, self.base)
+
+
+def _group_starts(manifest: Manifest, keys: pd.Series) -> np.ndarray:
+    """Row numbers where a new value of the partition key begins; its rows must be consecutive."""
+    codes, _ = pd.factorize(keys)
+    starts = np.flatnonzero(np.diff(codes, prepend=-1))
+    if len(starts) != len(np.unique(codes)):
+        seen: set[int] = set()
+        for start in starts:
+            if codes[start] in seen:
+                raise ManifestError(f"manifest {manifest.url}: the rows of {manifest.partition_by}="
+                                    f"{keys.iloc[start]!r} are not together; sort the manifest by "
+                                    f"{manifest.partition_by!r} to keep each group in one task")
+            seen.add(codes[start])
+    return starts
 
 
 def _take(frames: list[pd.DataFrame], n: int) -> tuple[pd.DataFrame, list[pd.DataFrame], int]:

@@ -44,7 +44,7 @@ from daskmv.errors import RowError, SetupFailed
 from daskmv.paths import resolve_path
 from daskmv.ops.base import Op, Output, Row, is_infrastructure_error, is_out_of_memory, split_input
 from daskmv.ops.image import load_inputs
-from daskmv.store import (LEASE_REFRESH, PARTS, ZARR, Marker, Store, attempt_name, new_token, now,
+from daskmv.store import (ARTIFACTS, LEASE_REFRESH, PARTS, ZARR, Marker, Store, attempt_name, new_token, now,
                           partition_name, ref_tokens)
 
 PLUGIN_NAME = "daskmv-ops"
@@ -213,7 +213,7 @@ def run_partition(task: PartitionTask) -> dict[str, Any]:
     attempt = attempt_name(task.index, token)
     lease = store.take_lease(task.index, token, {"host": socket.gethostname(), "pid": os.getpid(),
                                                  "worker": _worker_address(), "started": started})
-    outputs = [s.name for s in prepared.specs if s.kind == "array"]
+    outputs = [s.name for s in prepared.specs if s.kind in ("array", "artifact")]
     with _LEASES.keeping(store, lease):
         try:
             marker = _run_attempt(prepared, task, store, attempt, token, started, t0)
@@ -239,11 +239,15 @@ def _run_attempt(prepared: PreparedPipeline, task: PartitionTask, store: Store, 
         rows = rows[rows["id"].isin(task.retry_ids)].reset_index(drop=True)
     result = _process_rows(prepared, rows, task, store, attempt)
     table = result_table(prepared.specs, rows, result, store, task, attempt)
+    failed = set(table.filter(pc.equal(table.column("status"), "error")).column("id").to_pylist())
+    for rel, row_id in result.artifacts.items():  # a row that failed after its artifact was stored keeps none
+        if row_id in failed:
+            store.remove(rel)
     if task.retry_ids is not None:
         table = _merge_retry(store.read_part(task.index), table, task.rows["id"].tolist())
     for spec in prepared.specs:
-        if spec.kind == "array":
-            store.sync_tree(f"{ZARR}/{spec.name}/{attempt}")
+        if spec.kind in ("array", "artifact"):
+            store.sync_tree(f"{ZARR if spec.kind == 'array' else ARTIFACTS}/{spec.name}/{attempt}")
     part = store.write_part(attempt, table)
     tokens = {token}
     for spec in prepared.specs:
@@ -338,13 +342,14 @@ class RowResults:
     oom_backoffs: int = 0
     exports: list[tuple[int, Any]] = field(default_factory=list)
     export_paths: dict[str, list[str | None]] = field(default_factory=dict)
+    artifacts: dict[str, Any] = field(default_factory=dict)  # stored artifact folder -> its row's id
 
     @classmethod
     def empty(cls, specs: Sequence[Output], n: int, n_ops: int = 0,
               sinks: dict[str, Sink | None] | None = None) -> RowResults:
         sinks = sinks or {}
         return cls(
-            columns={s.name: [None] * n for s in specs if s.kind == "column"},
+            columns={s.name: [None] * n for s in specs if s.kind in ("column", "artifact")},
             arrays={s.name: PartitionArray(n, sinks.get(s.name)) for s in specs if s.kind == "array"},
             errors=[None] * n, seconds=np.zeros(n), op_seconds=[0.0] * n_ops,
         )
@@ -383,7 +388,7 @@ def _process_rows(prepared: PreparedPipeline, rows: pd.DataFrame, task: Partitio
     res = RowResults.empty(prepared.specs, n, len(prepared.ops), sinks)
     exporter = _exporter(prepared, task, store) if task.export else None
     try:
-        _process_batches(prepared, records, task, res, exporter)
+        _process_batches(prepared, records, task, res, exporter, store, attempt)
         _finish_exports(prepared, res, n)
     except BaseException:
         res.discard()
@@ -416,7 +421,7 @@ def _finish_exports(prepared: PreparedPipeline, res: RowResults, n: int) -> None
 
 
 def _process_batches(prepared: PreparedPipeline, records: list[Row], task: PartitionTask, res: RowResults,
-                     exporter: Any = None) -> None:
+                     exporter: Any = None, store: Store | None = None, attempt: str = "") -> None:
     extra = {"manifest_base": task.base} if "manifest_base" in prepared.loader_inputs else {}
     for batch in _loaded_batches(records, prepared.loader_inputs, task):
         live: list[tuple[int, Row]] = []
@@ -438,6 +443,8 @@ def _process_batches(prepared: PreparedPipeline, records: list[Row], task: Parti
             for (i, row), out in zip(live, outs, strict=True):
                 res.seconds[i] += elapsed / len(live)
                 checked = out if isinstance(out, BaseException) else _check_outputs(op, out)
+                if not isinstance(checked, BaseException) and store is not None:
+                    checked = _store_artifacts(op, checked, row, store, attempt, res.artifacts)
                 if isinstance(checked, BaseException):
                     res.fail(i, _format_error(op.name, checked))
                     continue
@@ -650,7 +657,28 @@ def _check_outputs(op: Op, out: Any) -> Row | BaseException:
     return clean
 
 
+def _store_artifacts(op: Op, outputs: Row, row: Row, store: Store, attempt: str,
+                     stored: dict[str, int]) -> Row | BaseException:
+    """Move the row's artifact folders into the root (``artifacts/<output>/<attempt>/<id>``); their paths
+    become the outputs' values; ``stored`` maps each folder to its row's id."""
+    from daskmv.export import file_stem
+
+    for spec in op.output_specs():
+        if spec.kind == "artifact" and outputs.get(spec.name) is not None:
+            rel = f"{ARTIFACTS}/{spec.name}/{attempt}/{file_stem(str(row['id']))}"
+            outputs[spec.name] = store.put_artifact(outputs[spec.name], rel)
+            stored[rel] = row["id"]
+    return outputs
+
+
 def _coerce(spec: Output, value: Any) -> Any:
+    if spec.kind == "artifact":
+        if value is None:
+            return None
+        path = os.fspath(value)
+        if not os.path.exists(path):
+            raise ValueError(f"the artifact {path!r} does not exist (return the path of a folder or file you wrote)")
+        return path
     if spec.kind == "array":
         arr = np.asarray(value)
         target = np.dtype(spec.dtype)
@@ -687,7 +715,7 @@ def _format_error(op: str, exc: BaseException) -> str:
 
 # -- the partition's rows as a table -----------------------------------------------------------------
 def _arrow_type(spec: Output) -> pa.DataType:
-    if spec.dtype in ("json", "string", "str"):
+    if spec.dtype in ("json", "string", "str", "path") or spec.kind == "artifact":
         return pa.string()
     return pa.from_numpy_dtype(np.dtype(spec.dtype))
 

@@ -19,22 +19,28 @@ import yaml
 from daskmv.errors import PipelineError
 from daskmv.ops import LOADER_INPUTS, Op, Output, get_op_class
 from daskmv.ops.base import COLUMN_KINDS, is_loader_input, split_input
+from daskmv.reshape import Reshape, get_reshape
 from daskmv.ops.registry import PIPELINES, register_pipeline
 
-__all__ = ["PIPELINES", "Pipeline", "register_pipeline"]
+__all__ = ["PIPELINES", "Pipeline", "Plan", "register_pipeline"]
 
 #: Columns every output manifest gets; a pipeline output may not take these names.
 RESERVED_COLUMNS = ("id", "status", "error", "seconds")
 
 
 class Pipeline:
-    """Ordered, configured ops. Build with :meth:`parse`; check with :meth:`validate`."""
+    """Ordered, configured ops. Build with :meth:`parse`; check with :meth:`validate`.
 
-    def __init__(self, ops: Sequence[Op], name: str | None = None) -> None:
+    ``chain`` is the fingerprint of what came before this pipeline when it is one stage of a longer one
+    (see :class:`Plan`): it is part of this pipeline's fingerprint, so a changed earlier step invalidates it.
+    """
+
+    def __init__(self, ops: Sequence[Op], name: str | None = None, chain: str = "") -> None:
         if not ops:
             raise PipelineError("a pipeline needs at least one op")
         self.ops = list(ops)
         self.name = name or ",".join(op.name for op in self.ops)
+        self.chain = chain
         self._check_outputs()
 
     # -- building ----------------------------------------------------------------------------------
@@ -43,49 +49,27 @@ class Pipeline:
         """From a comma list (``"resize,stats"``), a YAML file path, a list of steps, or a Pipeline."""
         if isinstance(spec, Pipeline):
             return spec
-        if isinstance(spec, os.PathLike) or (isinstance(spec, str) and spec.endswith((".yaml", ".yml"))):
-            return cls.from_yaml(spec)
-        if isinstance(spec, str):
-            names = [s.strip() for s in spec.split(",") if s.strip()]
-            if not names:
-                raise PipelineError("empty pipeline: name ops as a comma list, e.g. --pipeline resize,stats")
-            return cls.from_steps(names, name=spec if len(names) == 1 and spec in PIPELINES else None)
-        return cls.from_steps(list(spec))
+        items, name = _parse_items(spec)
+        return cls.of_items(items, name)
+
+    @classmethod
+    def of_items(cls, items: Sequence[Any], name: str | None = None) -> Pipeline:
+        reshapes = [item.name for item in items if isinstance(item, Reshape)]
+        if reshapes:
+            raise PipelineError(f"the pipeline has reshape steps ({', '.join(reshapes)}): run it with `daskmv run` "
+                                "or daskmv.run(), which run it stage by stage")
+        return cls(items, name=name)
 
     @classmethod
     def from_steps(cls, steps: Iterable[Any], name: str | None = None, base: str | None = None) -> Pipeline:
         """From steps: ``"name"``, ``{"name": {params}}``, ``{"op": name, "params": {...}}`` or Op objects."""
-        ops: list[Op] = []
-        for step in steps:
-            if isinstance(step, Op):
-                ops.append(step)
-                continue
-            op_name, params = _step_parts(step)
-            if op_name in PIPELINES:
-                ops.extend(cls.from_steps(_named_steps(op_name, params), base=base).ops)
-                continue
-            op_cls = get_op_class(op_name)
-            if base:
-                params = _resolve_paths(op_cls, params, base)
-            ops.append(op_cls(**params))
-        return cls(ops, name=name)
+        return cls.of_items(_build_items(steps, base), name)
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike) -> Pipeline:
         """Read ``steps:`` (or ``ops:``) and an optional ``name:``; file params resolve beside the YAML."""
-        path = Path(path)
-        try:
-            doc = yaml.safe_load(path.read_text())
-        except FileNotFoundError:
-            raise PipelineError(f"pipeline file not found: {path}") from None
-        except yaml.YAMLError as exc:
-            raise PipelineError(f"pipeline file {path} is not valid YAML: {exc}") from None
-        if isinstance(doc, list):
-            doc = {"steps": doc}
-        if not isinstance(doc, dict) or not isinstance(doc.get("steps", doc.get("ops")), list):
-            raise PipelineError(f"pipeline file {path} needs a list under 'steps:'")
-        steps = doc.get("steps", doc.get("ops"))
-        return cls.from_steps(steps, name=doc.get("name") or path.stem, base=str(path.parent.resolve()))
+        items, name = _yaml_items(path)
+        return cls.of_items(items, name)
 
     def steps(self) -> list[dict[str, Any]]:
         """The pipeline as data (what a YAML file holds and workers rebuild from)."""
@@ -97,7 +81,10 @@ class Pipeline:
     # -- what it needs and makes -------------------------------------------------------------------
     @property
     def fingerprint(self) -> str:
-        blob = json.dumps([op.spec() for op in self.ops], sort_keys=True, default=str).encode()
+        specs: list[Any] = [op.spec() for op in self.ops]
+        if self.chain:
+            specs = [{"after": self.chain}, *specs]
+        blob = json.dumps(specs, sort_keys=True, default=str).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
     @property
@@ -183,6 +170,114 @@ class Pipeline:
 
     def __repr__(self) -> str:
         return f"Pipeline({self.name!r}, {self.ops!r})"
+
+
+class Stage:
+    """One stage of a :class:`Plan`: an optional reshape of the rows before it, then its ops (maybe none)."""
+
+    def __init__(self, reshape: Reshape | None, ops: list[Op]) -> None:
+        self.reshape, self.ops = reshape, ops
+        parts = ([reshape.name] if reshape else []) + [op.name.replace(":", "_").replace(".", "_") for op in ops]
+        self.name = "-".join(parts)[:48] or "stage"
+
+    def spec(self) -> list[Any]:
+        return ([self.reshape.spec()] if self.reshape else []) + [op.spec() for op in self.ops]
+
+    def pipeline(self, chain: str) -> Pipeline | None:
+        return Pipeline(self.ops, name=self.name, chain=chain) if self.ops else None
+
+
+class Plan:
+    """A pipeline cut into stages at its reshape steps (``group``, ``explode``, ``pairs``).
+
+    Each stage is an ordinary run of its ops over the rows the reshape made of the previous stage's output
+    manifest. Without reshapes, a plan is one stage: an ordinary pipeline.
+    """
+
+    def __init__(self, items: Sequence[Any], name: str | None = None) -> None:
+        if not items:
+            raise PipelineError("a pipeline needs at least one step")
+        self.items = list(items)
+        self.stages: list[Stage] = []
+        reshape: Reshape | None = None
+        ops: list[Op] = []
+        for item in self.items:
+            if isinstance(item, Reshape):
+                if reshape is not None or ops:
+                    self.stages.append(Stage(reshape, ops))
+                reshape, ops = item, []
+            else:
+                ops.append(item)
+        self.stages.append(Stage(reshape, ops))
+        self.name = name or ",".join(item.name for item in self.items)
+
+    @classmethod
+    def parse(cls, spec: Any) -> Plan:
+        if isinstance(spec, Plan):
+            return spec
+        if isinstance(spec, Pipeline):
+            return cls(spec.ops, spec.name)
+        items, name = _parse_items(spec)
+        return cls(items, name)
+
+    @property
+    def staged(self) -> bool:
+        return any(stage.reshape is not None for stage in self.stages)
+
+    def pipeline(self) -> Pipeline:
+        """The plan as an ordinary pipeline (it has no reshape)."""
+        return Pipeline.of_items(self.items, self.name)
+
+
+def _parse_items(spec: Any) -> tuple[list[Any], str | None]:
+    """Ops and reshapes from a comma list, a YAML file, or a list of steps; and the pipeline's name."""
+    if isinstance(spec, os.PathLike) or (isinstance(spec, str) and spec.endswith((".yaml", ".yml"))):
+        return _yaml_items(spec)
+    if isinstance(spec, str):
+        names = [s.strip() for s in spec.split(",") if s.strip()]
+        if not names:
+            raise PipelineError("empty pipeline: name ops as a comma list, e.g. --pipeline resize,stats")
+        return _build_items(names, None), (spec if len(names) == 1 and spec in PIPELINES else None)
+    return _build_items(list(spec), None), None
+
+
+def _yaml_items(path: str | os.PathLike) -> tuple[list[Any], str]:
+    """Read ``steps:`` (or ``ops:``) and an optional ``name:``; file params resolve beside the YAML."""
+    path = Path(path)
+    try:
+        doc = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise PipelineError(f"pipeline file not found: {path}") from None
+    except yaml.YAMLError as exc:
+        raise PipelineError(f"pipeline file {path} is not valid YAML: {exc}") from None
+    if isinstance(doc, list):
+        doc = {"steps": doc}
+    if not isinstance(doc, dict) or not isinstance(doc.get("steps", doc.get("ops")), list):
+        raise PipelineError(f"pipeline file {path} needs a list under 'steps:'")
+    steps = doc.get("steps", doc.get("ops"))
+    return _build_items(steps, str(path.parent.resolve())), doc.get("name") or path.stem
+
+
+def _build_items(steps: Iterable[Any], base: str | None) -> list[Any]:
+    """Ops and reshape steps, named pipelines expanded."""
+    items: list[Any] = []
+    for step in steps:
+        if isinstance(step, (Op, Reshape)):
+            items.append(step)
+            continue
+        name, params = _step_parts(step)
+        if name in PIPELINES:
+            items.extend(_build_items(_named_steps(name, params), base))
+            continue
+        reshape = get_reshape(name)
+        if reshape is not None:
+            items.append(reshape(**params))
+            continue
+        op_cls = get_op_class(name)
+        if base:
+            params = _resolve_paths(op_cls, params, base)
+        items.append(op_cls(**params))
+    return items
 
 
 def _step_parts(step: Any) -> tuple[str, dict[str, Any]]:

@@ -34,6 +34,7 @@ import errno
 import json
 import os
 import re
+import shutil
 import socket
 import time
 import uuid
@@ -56,8 +57,11 @@ MANIFEST_CSV = "manifest.csv"
 ERRORS_LOG = "errors.log"
 ZARR = "outputs.zarr"
 PARTS = "parts"
+ARTIFACTS = "artifacts"
+STAGES = "stages"
 #: Files and folders daskmv owns in a root; ``--overwrite`` removes these and nothing else.
-OWNED = (RUN_JSON, MANIFEST, MANIFEST_CSV, ERRORS_LOG, ZARR, PARTS, "report.html", "png", "preview.png")
+OWNED = (RUN_JSON, MANIFEST, MANIFEST_CSV, ERRORS_LOG, ZARR, PARTS, ARTIFACTS, STAGES, "report.html", "png",
+         "preview.png")
 #: The layout of partition files (attempt tokens, leases); roots of another layout are not resumed.
 LAYOUT = 2
 #: An attempt's lease is refreshed every LEASE_REFRESH seconds while it runs; one untouched for
@@ -447,7 +451,26 @@ class Store:
         self.remove(f"{PARTS}/{name}.lease")
         for output in outputs:
             self.remove(f"{ZARR}/{output}/{name}")
+            self.remove(f"{ARTIFACTS}/{output}/{name}")
         self.remove(f"{PARTS}/{name}.parquet")
+
+    def put_artifact(self, local: str, rel: str) -> str:
+        """Move a folder or file an op made into the root at ``rel`` (a file keeps its name inside ``rel``);
+        return its path inside the root."""
+        is_file = os.path.isfile(local)
+        target_rel = f"{rel}/{os.path.basename(local)}" if is_file else rel
+        with self.writing(f"storing {target_rel}"):
+            self.remove(rel)
+            if self.local:
+                os.makedirs(os.path.dirname(self._p(target_rel)), exist_ok=True)
+                shutil.move(local, self._p(target_rel))
+            else:
+                self.fs.put(local, self._p(target_rel), recursive=not is_file)
+                if is_file:
+                    os.remove(local)
+                else:
+                    shutil.rmtree(local, ignore_errors=True)
+        return target_rel
 
     def collect_garbage(self, lease_timeout: float = LEASE_TIMEOUT) -> dict[str, Any]:
         """Remove the files of attempts that no marker references and whose lease is gone or stale.
@@ -468,13 +491,14 @@ class Store:
             parsed = parse_attempt(name)
             if parsed and not name.endswith(".lease") and name not in keep_parts:
                 found.setdefault(parsed, []).append(f"{PARTS}/{name}")
-        for output in self._listing(ZARR):
-            if output.startswith(".") or output == "zarr.json":
-                continue
-            for name in self._listing(f"{ZARR}/{output}"):
-                parsed = parse_attempt(name)
-                if parsed and parsed not in keep:
-                    found.setdefault(parsed, []).append(f"{ZARR}/{output}/{name}")
+        for top in (ZARR, ARTIFACTS):
+            for output in self._listing(top):
+                if output.startswith(".") or output == "zarr.json":
+                    continue
+                for name in self._listing(f"{top}/{output}"):
+                    parsed = parse_attempt(name)
+                    if parsed and parsed not in keep:
+                        found.setdefault(parsed, []).append(f"{top}/{output}/{name}")
         leases = {parse_attempt(n): n for n in self._listing(PARTS) if n.endswith(".lease")}
         removed, size = [], 0
         for attempt, paths in sorted(found.items()):
@@ -517,6 +541,15 @@ class Store:
         run = self.read_json(RUN_JSON)
         if run is None:
             raise StoreError(f"{self.root} is not a daskmv output root (no {RUN_JSON})")
+        if run.get("staged"):
+            return self._staged_status(run)
+        if run.get("kind") == "reshape only":  # a stage with no ops: its rows are the reshape's
+            counts = run.get("counts", {})
+            return {"root": self.root, "state": run.get("state", "unknown"), "pipeline": "(reshape)",
+                    "fingerprint": run.get("fingerprint"), "rows": counts.get("rows", 0),
+                    "done": counts.get("rows", 0), "ok": counts.get("ok", 0), "error": counts.get("error", 0),
+                    "failed": 0, "pending": 0, "partitions": 0, "partitions_done": 0, "partitions_failed": [],
+                    "lock": None}
         fingerprint = run["binding"]["fingerprint"]
         n_parts = int(run.get("partitions") or 0)
         done = {i: m for i, m in self.markers().items() if counts_for(run, m)}
@@ -545,6 +578,26 @@ class Store:
             "partitions_failed": sorted(failed),
             "lock": lock,
         }
+
+    def _staged_status(self, run: dict[str, Any]) -> dict[str, Any]:
+        """A pipeline with reshape steps: each stage's status, and the root's state and last stage's rows."""
+        stages = []
+        for record in run.get("stages", []):
+            stage = Store(self.url(record["folder"]), self.storage_options)
+            info = stage.status() if stage.exists(RUN_JSON) else {"state": "pending", "rows": 0, "done": 0,
+                                                                 "ok": 0, "error": 0, "pending": 0}
+            stages.append({"index": record["index"], "name": record["name"], "folder": record["folder"], **info})
+        lock = self.read_json(LOCK)
+        if lock is not None and not _lock_is_stale(lock):
+            state = "running"
+        else:
+            state = "interrupted" if run.get("state") == "running" else run.get("state", "unknown")
+        last = stages[-1] if stages else {}
+        return {"root": self.root, "state": state, "pipeline": run["pipeline"]["name"],
+                "fingerprint": run["pipeline"]["fingerprint"], "stages": stages,
+                **{k: last.get(k, 0) for k in ("rows", "done", "ok", "error", "failed", "pending", "partitions",
+                                               "partitions_done")},
+                "partitions_failed": last.get("partitions_failed", []), "lock": lock}
 
     # -- arrays ------------------------------------------------------------------------------------
     def prepare_arrays(self, outputs: Sequence[str]) -> None:

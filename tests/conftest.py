@@ -101,6 +101,10 @@ def shared_data(name: str) -> Path:
 def without_refs(frame: pd.DataFrame) -> pd.DataFrame:
     """A manifest without its timings and array references: references name each attempt's own files
     (random tokens), so two runs' manifests are compared by everything else, and arrays by content."""
-    refs = [c for c in frame.columns if c.endswith("_path")
-            and frame[c].dropna().astype(str).str.startswith("outputs.zarr/").all() and frame[c].notna().any()]
+    def is_refs(values: pd.Series) -> bool:
+        present = values.dropna().astype(str)
+        return len(present) > 0 and bool(present.str.contains(r"(?:^|/)outputs\.zarr/.+#\d+$").all())
+
+    refs = [c for c in frame.columns if frame[c].dtype == object or str(frame[c].dtype).startswith(("str", "string"))
+            if is_refs(frame[c])]
     return frame.drop(columns=["seconds", *refs]).reset_index(drop=True)

@@ -293,3 +293,93 @@ class FlakyFileSystem(LocalFileSystem):
 
 
 fsspec.register_implementation("flakyfile", FlakyFileSystem, clobber=True)
+
+
+# -- ops for the stages tests ------------------------------------------------------------------------
+class Thumb(Op):
+    """An 8x8 thumbnail of each image (an array output a later stage reads back)."""
+
+    name = "testops:Thumb"
+    inputs = ("image",)
+    outputs = (Output("thumb", "array", "uint8"),)
+
+    def process(self, rows):
+        import cv2
+
+        return [{"thumb": cv2.resize(row["image"], (8, 8), interpolation=cv2.INTER_AREA)} for row in rows]
+
+
+class PairDiff(Op):
+    """On pair rows: both images, read from their paths, and both thumbnails, read from the earlier stage."""
+
+    name = "testops:PairDiff"
+    inputs = ("image:path_a", "image:path_b", "array:thumb_path_a", "array:thumb_path_b")
+    outputs = (Output("diff", "column", "float64"), Output("thumb_diff", "column", "float64"),
+               Output("side_by_side", "array", "uint8"))
+
+    def process(self, rows):
+        out = []
+        for row in rows:
+            a, b = row["image:path_a"].astype(float), row["image:path_b"].astype(float)
+            ta, tb = row["array:thumb_path_a"], row["array:thumb_path_b"]
+            out.append({"diff": float(np.abs(a.mean() - b.mean())),
+                        "thumb_diff": float(np.abs(ta.astype(float) - tb.astype(float)).mean()),
+                        "side_by_side": np.concatenate([ta, tb], axis=1)})
+        return out
+
+
+class ListItems(Op):
+    """Lists label + 1 items per row (as a video's frames would be listed), as JSON."""
+
+    name = "testops:ListItems"
+    inputs = ("label",)
+    outputs = (Output("items", "column", "json"),)
+
+    def process(self, rows):
+        return [{"items": [{"k": k, "twice": 2 * k} for k in range(int(row["label"]) + 1)]} for row in rows]
+
+
+class FolderPerRow(Op):
+    """Writes a folder per row (as a reconstruction writes a model) and returns it: an artifact output."""
+
+    name = "testops:FolderPerRow"
+    inputs = ("label",)
+    outputs = (Output("model", "artifact", "path"),)
+
+    def process(self, rows):
+        import tempfile
+
+        out = []
+        for row in rows:
+            folder = tempfile.mkdtemp(prefix="daskmv-test-artifact-")
+            with open(os.path.join(folder, "cameras.txt"), "w") as fh:
+                fh.write(f"{row['id']} {row['label']}\n")
+            os.makedirs(os.path.join(folder, "sparse", "0"))
+            with open(os.path.join(folder, "sparse", "0", "points.bin"), "wb") as fh:
+                fh.write(bytes([int(row["label"])] * 16))
+            out.append({"model": folder})
+        return out
+
+
+class Usable(Op):
+    """On group rows: how many members were fine, from the group's lists."""
+
+    name = "testops:Usable"
+    inputs = ("ids", "errors")
+    outputs = (Output("usable", "column", "string"),)
+
+    def process(self, rows):
+        return [{"usable": f"{sum(e is None for e in row['errors'])} of {len(row['ids'])}"} for row in rows]
+
+
+class Nap(Op):
+    """Sleeps per row; reads nothing but the id (so it runs on any rows, pairs and groups included)."""
+
+    name = "testops:Nap"
+    inputs = ("id",)
+    outputs = (Output("napped", "column", "float64"),)
+    params = {"seconds": Param(0.01, "sleep per row")}
+
+    def process(self, rows):
+        time.sleep(self.config["seconds"] * len(rows))
+        return [{"napped": self.config["seconds"]} for _ in rows]

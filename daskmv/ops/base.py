@@ -122,16 +122,21 @@ _TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str:
 
 @dataclass(frozen=True)
 class Output:
-    """A declared output. ``array`` outputs go to Zarr; ``column`` outputs become manifest columns.
+    """A declared output. ``array`` outputs go to Zarr; ``column`` outputs become manifest columns;
+    ``artifact`` outputs are folders (or files) of the op's own making, such as a COLMAP model or a PLY.
 
     ``dtype`` is a NumPy dtype name, or for columns also ``string`` or ``json`` (any JSON-able value,
-    stored as text). ``compression`` (arrays only: ``zstd``, ``lz4`` or None) suits outputs that
-    compress well, such as masks; images and embeddings barely compress and are stored raw by default.
-    ``export_as`` names the file ``--export png`` writes (``<id>_<export_as>.png``; default the name).
+    stored as text); artifacts use ``path``. ``compression`` (arrays only: ``zstd``, ``lz4`` or None) suits
+    outputs that compress well, such as masks; images and embeddings barely compress and are stored raw by
+    default. ``export_as`` names the file ``--export png`` writes (``<id>_<export_as>.png``; default the name).
+
+    An op returns an artifact as the local path of a folder or file it wrote (a temporary one is fine): the
+    engine moves it into the output root (``artifacts/<name>/<attempt>/<id>/``), commits it with the
+    partition's marker like an array, and puts its path, relative to the manifest, in ``<name>_path``.
     """
 
     name: str
-    kind: Literal["array", "column"]
+    kind: Literal["array", "column", "artifact"]
     dtype: str
     help: str = ""
     compression: str | None = None
@@ -139,8 +144,8 @@ class Output:
 
     @property
     def column(self) -> str:
-        """The manifest column that holds this output (a reference for arrays)."""
-        return f"{self.name}_path" if self.kind == "array" else self.name
+        """The manifest column that holds this output (a reference for arrays, a path for artifacts)."""
+        return f"{self.name}_path" if self.kind in ("array", "artifact") else self.name
 
 
 class Op:

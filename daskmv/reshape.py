@@ -1,0 +1,333 @@
+"""Reshape steps: where one row becomes many (``explode``), many become one (``group``), or rows become pairs
+(``pairs``). They sit between ops in a pipeline and cut it into stages (see :mod:`daskmv.stages`).
+
+A reshape is a table-to-table function that runs on the driver, over the previous stage's output manifest,
+with pyarrow's vectorised kernels (no Python loop over rows; ``pairs`` loops over groups). Its input is the
+previous manifest with its ``status``/``error`` folded into one ``upstream_error`` column (null for rows that
+were fine): a failed row never disappears, it is carried into the new rows (a failed image makes its pairs
+fail, is listed as failed in its group, and a failed video keeps one error row when exploded).
+
+New rows get deterministic string ids made from their parents' ids:
+
+- ``group``: the key's value (``scene_7``);
+- ``explode``: ``<parent id>-<prefix><index>`` (``clip3-f000012``);
+- ``pairs``: ``<id_a>|<id_b>``, ``a`` before ``b`` in manifest order.
+
+Every reshape is a few calls on tables of ids, paths and references, so it costs the driver about what a
+pyarrow group-by or join of the manifest's identifying columns costs: 435,000 pairs of 1,000 scenes in about
+a second (benchmarks/stages.py). Manifests too large for the driver (beyond some tens of millions of rows)
+are not reshaped in tasks yet: split them into several runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any, ClassVar
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from daskmv.errors import PipelineError
+from daskmv.ops.base import Param
+
+#: The column that carries a parent row's failure into the rows made from it.
+UPSTREAM_ERROR = "upstream_error"
+
+RESHAPES: dict[str, type[Reshape]] = {}
+
+
+def register_reshape(cls: type[Reshape]) -> type[Reshape]:
+    RESHAPES[cls.name] = cls
+    return cls
+
+
+class Reshape:
+    """Base class of reshape steps: named parameters checked when built, like an op's."""
+
+    name: ClassVar[str] = ""
+    help: ClassVar[str] = ""
+    params: ClassVar[dict[str, Param]] = {}
+
+    def __init__(self, **params: Any) -> None:
+        unknown = sorted(set(params) - set(self.params))
+        if unknown:
+            raise PipelineError(f"step {self.name!r} has no parameter {', '.join(unknown)} "
+                                f"(parameters: {', '.join(self.params) or 'none'})")
+        values = {key: spec.default for key, spec in self.params.items()}
+        values.update(params)
+        for key, spec in self.params.items():
+            if spec.choices is not None and values[key] not in spec.choices:
+                raise PipelineError(f"step {self.name!r}: {key}={values[key]!r} is not one of "
+                                    f"{', '.join(map(repr, spec.choices))}")
+            if key in params:
+                spec.check(self.name, key, values[key])
+        self.config: dict[str, Any] = values
+        self.check_params()
+
+    def check_params(self) -> None:
+        """Validate ``self.config``; raise PipelineError with the fix in the message."""
+
+    def spec(self) -> dict[str, Any]:
+        return {"reshape": self.name, "params": self.config}
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256(json.dumps(self.spec(), sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    def check(self, columns: list[str]) -> None:
+        """Refuse a table that lacks a column this step needs (before anything runs)."""
+
+    def run(self, table: pa.Table) -> pa.Table:
+        """The reshaped table; ``table`` needs an ``id`` column and may have ``upstream_error``."""
+        self.check(table.column_names)
+        table = _normalised(table)
+        return self.apply(table)
+
+    def apply(self, table: pa.Table) -> pa.Table:
+        """The reshaped table (its ``id`` and ``upstream_error`` columns are strings)."""
+        raise NotImplementedError
+
+    def partition_key(self) -> str | None:
+        """The column whose equal values the next stage keeps in one task (None: any split)."""
+        return None
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.config.items())})"
+
+
+def _normalised(table: pa.Table) -> pa.Table:
+    """``id`` and ``upstream_error`` as strings (the error column added, all null, when missing)."""
+    ids = table.column("id").cast(pa.string())
+    table = table.set_column(table.column_names.index("id"), "id", ids)
+    if UPSTREAM_ERROR not in table.column_names:
+        return table.append_column(UPSTREAM_ERROR, pa.nulls(table.num_rows, pa.string()))
+    i = table.column_names.index(UPSTREAM_ERROR)
+    return table.set_column(i, UPSTREAM_ERROR, table.column(UPSTREAM_ERROR).cast(pa.string()))
+
+
+def _need(step: str, columns: list[str], *names: str | None) -> None:
+    missing = [n for n in names if n and n not in columns]
+    if missing:
+        raise PipelineError(f"step {step!r} needs the column(s) {', '.join(map(repr, missing))}, which the rows "
+                            f"before it do not have (columns: {', '.join(columns)})")
+
+
+@register_reshape
+class Group(Reshape):
+    name = "group"
+    help = "Rows sharing a key become one row whose other columns are lists (ids, paths, ..., in manifest order)."
+    params = {"by": Param("scene", "the key column")}
+
+    def check(self, columns: list[str]) -> None:
+        _need(self.name, columns, self.config["by"])
+
+    def apply(self, table: pa.Table) -> pa.Table:
+        by = self.config["by"]
+        key = pc.fill_null(table.column(by).cast(pa.string()), "")
+        order = np.arange(table.num_rows)
+        work = table.drop_columns([by]).append_column("_key", key).append_column("_order", pa.array(order))
+        others = [c for c in table.column_names if c not in (by,)]
+        grouped = work.group_by("_key", use_threads=False).aggregate(
+            [("_order", "min")] + [(c, "list") for c in others])
+        grouped = grouped.take(pc.sort_indices(grouped.column("_order_min")))
+        keys = grouped.column("_key")
+        firsts = grouped.column("_order_min").to_numpy()
+        errors = grouped.column(f"{UPSTREAM_ERROR}_list")
+        n = pc.list_value_length(errors)
+        ok = pc.subtract(n, _count_non_null(errors))
+        whole = pc.if_else(pc.and_(pc.equal(ok, 0), pc.greater(n, 0)),
+                           pc.binary_join_element_wise(pa.scalar("all "), pc.cast(n, pa.string()),
+                                                       pa.scalar(" rows of this group failed upstream"), ""),
+                           pa.nulls(len(keys), pa.string()))
+        columns = {"id": keys, by: table.column(by).take(pa.array(firsts)), "ids": grouped.column("id_list"),
+                   "n": n, "n_ok": ok}
+        for c in others:
+            if c in ("id", UPSTREAM_ERROR):
+                continue
+            columns[c] = grouped.column(f"{c}_list")
+        columns["errors"] = errors
+        columns[UPSTREAM_ERROR] = whole
+        return pa.table(columns)
+
+
+def _count_non_null(lists: pa.ChunkedArray) -> pa.Array:
+    """How many non-null values each list holds."""
+    flat = pc.list_flatten(lists)
+    parents = pc.list_parent_indices(lists)
+    counts = np.bincount(parents.to_numpy()[pc.is_valid(flat).to_numpy(zero_copy_only=False)],
+                         minlength=len(lists))
+    return pa.array(counts.astype(np.int64))
+
+
+@register_reshape
+class Explode(Reshape):
+    name = "explode"
+    help = "A list column becomes one row per element (id <parent>-<prefix><index>); struct elements become columns."
+    params = {
+        "column": Param("items", "the list column"),
+        "prefix": Param("", "put before the element's index in the new ids (frames use 'f')"),
+    }
+
+    def check(self, columns: list[str]) -> None:
+        _need(self.name, columns, self.config["column"])
+
+    def partition_key(self) -> str | None:
+        return "parent_id"
+
+    def apply(self, table: pa.Table) -> pa.Table:
+        column = self.config["column"]
+        lists = table.column(column).combine_chunks()
+        if pa.types.is_string(lists.type) or pa.types.is_large_string(lists.type):
+            lists = _parse_json_lists(lists, column)  # an op's "json" output column
+        if not pa.types.is_list(lists.type) and not pa.types.is_large_list(lists.type):
+            raise PipelineError(f"step 'explode': column {column!r} holds {lists.type}, not lists")
+        lengths = pc.fill_null(pc.list_value_length(lists), 0).to_numpy(zero_copy_only=False)
+        keep = np.maximum(lengths, 1)  # a parent with no elements (or failed) keeps one row
+        parents = np.repeat(np.arange(table.num_rows), keep)
+        starts = np.concatenate([[0], np.cumsum(keep)[:-1]])
+        index = np.arange(len(parents)) - np.repeat(starts, keep)
+        real = np.repeat(lengths > 0, keep)
+        values = pc.list_flatten(lists)  # only non-empty lists contribute, in order
+        positions = np.full(len(parents), -1, dtype=np.int64)
+        positions[real] = np.arange(int(real.sum()))
+        base = table.drop_columns([column]).take(pa.array(parents))
+        element = values.take(pa.array(np.where(real, positions, 0))) if len(values) else pa.nulls(len(parents), values.type)
+        element = pc.if_else(pa.array(real), element, pa.nulls(len(parents), element.type))
+        parent_ids = base.column("id")
+        index_col = pa.array(np.where(real, index, -1)).cast(pa.int64())
+        index_col = pc.if_else(pa.array(real), index_col, pa.nulls(len(parents), pa.int64()))
+        suffix = pc.binary_join_element_wise(pa.scalar(f"-{self.config['prefix']}"),
+                                             pc.utf8_lpad(pc.cast(pa.array(index), pa.string()), 6, "0"), "")
+        ids = pc.binary_join_element_wise(parent_ids, suffix, "")
+        upstream = base.column(UPSTREAM_ERROR)
+        empty = f"no elements in {column!r}"
+        upstream = pc.if_else(pa.array(real), upstream, pc.fill_null(upstream, empty))
+        out = base.drop_columns(["id", UPSTREAM_ERROR])
+        out = out.add_column(0, "id", ids).add_column(1, "parent_id", parent_ids).add_column(2, "index", index_col)
+        if pa.types.is_struct(element.type):
+            for i in range(element.type.num_fields):
+                out = out.append_column(element.type.field(i).name, pc.struct_field(element, [i]))
+        else:
+            out = out.append_column(column, element)
+        return out.append_column(UPSTREAM_ERROR, upstream)
+
+
+def _parse_json_lists(texts: pa.Array, column: str) -> pa.Array:
+    """A column of JSON lists (one parse per parent row) as an Arrow list array; objects become structs."""
+    values = []
+    for text in texts.to_pylist():
+        value = json.loads(text) if text else None
+        if value is not None and not isinstance(value, list):
+            raise PipelineError(f"step 'explode': column {column!r} holds {type(value).__name__}s, not lists")
+        values.append(value)
+    return pa.array(values)
+
+
+MODES = ("exhaustive", "sequential", "column")
+
+
+@register_reshape
+class Pairs(Reshape):
+    name = "pairs"
+    help = ("Rows become pairs within each group: exhaustive (all), sequential (each row and the next `window`), "
+            "or column (each row and the ids listed in `column`); columns get _a/_b suffixes, id <id_a>|<id_b>.")
+    params = {
+        "by": Param(None, "the group column (none: all rows are one group)", types=(str, type(None))),
+        "mode": Param("exhaustive", "how pairs are chosen", MODES),
+        "window": Param(1, "sequential: how many following rows each row pairs with"),
+        "column": Param(None, "column mode: the column listing each row's candidate ids", types=(str, type(None))),
+    }
+
+    def check_params(self) -> None:
+        if self.config["window"] < 1:
+            raise PipelineError(f"step 'pairs': window must be at least 1, not {self.config['window']}")
+        if self.config["mode"] == "column" and not self.config["column"]:
+            raise PipelineError("step 'pairs': mode 'column' needs column=<list of candidate ids>")
+
+    def check(self, columns: list[str]) -> None:
+        _need(self.name, columns, self.config["by"], self.config["column"] if self.config["mode"] == "column" else None)
+
+    def partition_key(self) -> str | None:
+        return self.config["by"]
+
+    def apply(self, table: pa.Table) -> pa.Table:
+        a, b = self.pair_indices(table)
+        by = self.config["by"]
+        left, right = table.take(pa.array(a)), table.take(pa.array(b))
+        ids = pc.binary_join_element_wise(left.column("id"), right.column("id"), "|")
+        columns: dict[str, Any] = {"id": ids}
+        if by:
+            columns[by] = left.column(by)
+        for name in table.column_names:
+            if name in (by, UPSTREAM_ERROR):
+                continue
+            columns[f"{name}_a"] = left.column(name)
+            columns[f"{name}_b"] = right.column(name)
+        columns[UPSTREAM_ERROR] = _either_failed(left, right)
+        return pa.table(columns)
+
+    def pair_indices(self, table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
+        """Row numbers (a, b) of every pair, group by group in order of first appearance, a before b."""
+        by, mode = self.config["by"], self.config["mode"]
+        n = table.num_rows
+        if by:
+            codes = pc.dictionary_encode(pc.fill_null(table.column(by).cast(pa.string()), "")).combine_chunks()
+            group = codes.indices.to_numpy(zero_copy_only=False)
+        else:
+            group = np.zeros(n, dtype=np.int64)
+        order = np.argsort(group, kind="stable")  # rows of each group, in manifest order
+        bounds = np.flatnonzero(np.diff(group[order])) + 1
+        candidates = self._candidates(table) if mode == "column" else None
+        parts_a, parts_b = [], []
+        for members in np.split(order, bounds) if n else []:
+            i, j = self._within(members, candidates)
+            parts_a.append(members[i])
+            parts_b.append(members[j])
+        if not parts_a:
+            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+        return np.concatenate(parts_a), np.concatenate(parts_b)
+
+    def _within(self, members: np.ndarray, candidates: list[set[str]] | None) -> tuple[np.ndarray, np.ndarray]:
+        k = len(members)
+        mode = self.config["mode"]
+        if mode == "exhaustive":
+            return np.triu_indices(k, 1)
+        if mode == "sequential":
+            w = min(self.config["window"], max(k - 1, 0))
+            i = np.concatenate([np.arange(k - o) for o in range(1, w + 1)]) if w else np.zeros(0, np.int64)
+            j = np.concatenate([np.arange(o, k) for o in range(1, w + 1)]) if w else np.zeros(0, np.int64)
+            order = np.lexsort((j, i))
+            return i[order], j[order]
+        assert candidates is not None
+        ids = candidates[-1]  # the ids of every row, by row number (see _candidates)
+        position = {ids[m]: p for p, m in enumerate(members)}
+        found = set()
+        for p, m in enumerate(members):
+            for other in candidates[m]:
+                q = position.get(other)
+                if q is not None and q != p:
+                    found.add((min(p, q), max(p, q)))
+        pairs = np.array(sorted(found), dtype=np.int64).reshape(-1, 2)
+        return pairs[:, 0], pairs[:, 1]
+
+    def _candidates(self, table: pa.Table) -> list[Any]:
+        """Each row's candidate ids as a set, then (last) the list of every row's id."""
+        lists = table.column(self.config["column"]).to_pylist()
+        if any(v is not None and not isinstance(v, list) for v in lists):
+            raise PipelineError(f"step 'pairs': column {self.config['column']!r} must hold lists of ids")
+        return [set(v or ()) for v in lists] + [table.column("id").to_pylist()]
+
+
+def _either_failed(left: pa.Table, right: pa.Table) -> pa.ChunkedArray:
+    """The pair's upstream error: which side failed and why (null when both are fine)."""
+    ea, eb = left.column(UPSTREAM_ERROR), right.column(UPSTREAM_ERROR)
+    ia, ib = left.column("id"), right.column("id")
+    text_a = pc.binary_join_element_wise(ia, pa.scalar(": "), ea, "")
+    text_b = pc.binary_join_element_wise(ib, pa.scalar(": "), eb, "")
+    both = pc.binary_join_element_wise(text_a, text_b, "; ")
+    return pc.if_else(pc.is_valid(ea), pc.if_else(pc.is_valid(eb), both, text_a), text_b)
+
+
+def get_reshape(name: str) -> type[Reshape] | None:
+    return RESHAPES.get(name)
