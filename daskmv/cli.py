@@ -268,7 +268,7 @@ def status(
     for stage in info.get("stages", []):
         out.print(f"  stage {stage['index']} {stage['name']}: {stage['state']}; rows {stage['rows']:,}, done "
                   f"{stage['done']:,} (ok {stage['ok']:,}, error {stage['error']:,}), pending {stage['pending']:,}"
-                  f"  [{stage['folder']}]", highlight=False, soft_wrap=True)
+                  f"  ({stage['folder']})", highlight=False, soft_wrap=True, markup=False)
     if gc:
         garbage = info["garbage"]
         out.print(f"garbage: removed {len(garbage['attempts']):,} attempt(s), {garbage['bytes'] / 1e6:,.1f} MB",
