@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import sys
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -154,8 +153,9 @@ class Segment(Op):
             return exc
 
 
-#: What LiteRT prints from C++ to file descriptor 2 the first time a process creates its XNNPACK delegate.
-LITERT_BANNER = b"INFO: Created TensorFlow Lite XNNPACK delegate for CPU."
+#: What LiteRT prints from C++ to file descriptor 2 the first time a process creates its XNNPACK delegate,
+#: in three writes: "INFO: ", the message, a newline (other threads' writes may come between them).
+LITERT_BANNER = (b"INFO: ", b"Created TensorFlow Lite XNNPACK delegate for CPU.")
 _BANNER_LOCK = threading.Lock()
 _BANNER_SEEN = False
 
@@ -166,9 +166,12 @@ def _without_litert_banner() -> Iterator[None]:
 
     LiteRT logs from C++, with no Python switch and no environment variable that silences it, once per
     process. The first interpreter of a process is therefore made with file descriptor 2 pointing into a
-    pipe, and a thread copies every byte that arrives there to the real stderr except that line: whatever
-    other threads print meanwhile is passed on in order, not lost. Later interpreters print nothing and
-    leave stderr alone. Where fd 2 is closed, nothing is done.
+    pipe; a thread collects what arrives there, and when the interpreters are made, fd 2 is switched back
+    and what was collected is written to it without the banner. Whatever other threads print meanwhile is
+    kept, in order (only a write in the instant of the switch may come out before what was collected).
+    Python's stderr buffer is not flushed from here, so no other thread's output is split. A child process
+    that inherited the pipe meanwhile keeps writing through it. Later interpreters print nothing and leave
+    stderr alone. Where fd 2 is closed, nothing is done.
     """
     global _BANNER_SEEN
     with _BANNER_LOCK:
@@ -176,53 +179,88 @@ def _without_litert_banner() -> Iterator[None]:
             yield
             return
         try:
-            sys.stderr.flush()
-            restore, forward_to = os.dup(2), os.dup(2)
-        except (OSError, ValueError, AttributeError):
+            restore = os.dup(2)
+        except OSError:
             _BANNER_SEEN = True
             yield
             return
         read_end, write_end = os.pipe()
-        forwarder = threading.Thread(target=_forward_stderr, args=(read_end, forward_to), daemon=True,
-                                     name="daskmv-stderr")
-        forwarder.start()
+        pipe = _CollectedStderr()
+        reader = threading.Thread(target=pipe.read, args=(read_end,), daemon=True, name="daskmv-stderr")
+        reader.start()
         os.dup2(write_end, 2)
         os.close(write_end)
         try:
             yield
         finally:
-            with contextlib.suppress(Exception):
-                sys.stderr.flush()
-            os.dup2(restore, 2)  # closes the pipe's last writer here: the forwarder drains it and ends
-            os.close(restore)
+            os.dup2(restore, 2)  # closes the pipe's last writer here, unless a child process inherited it
             _BANNER_SEEN = True
-            forwarder.join(timeout=5)  # a child process forked meanwhile may hold the pipe: do not wait on it
+            reader.join(timeout=0.5)
+            pipe.release(restore, still_open=reader.is_alive())
 
 
-def _forward_stderr(read_end: int, forward_to: int) -> None:
-    """Copy the pipe to ``forward_to`` as it arrives, holding back only what could still become the banner."""
-    held = b""
-    try:
-        while True:
-            chunk = os.read(read_end, 65536)
-            if not chunk:
-                break
-            held += chunk
-            out = []
-            while b"\n" in held:
-                line, held = held.split(b"\n", 1)
-                if line.rstrip(b"\r") != LITERT_BANNER:
-                    out.append(line + b"\n")
-            if held and not LITERT_BANNER.startswith(held):
-                out.append(held)
-                held = b""
-            if out:
-                _write_all(forward_to, b"".join(out))
-        if held:
-            _write_all(forward_to, held)
-    finally:
-        os.close(read_end)
-        os.close(forward_to)
+class _CollectedStderr:
+    """What reaches the pipe: collected until :meth:`release`, then passed straight on."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.collected = bytearray()
+        self.passthrough: int | None = None
+        self.finished = False
+
+    def read(self, read_end: int) -> None:
+        try:
+            while chunk := os.read(read_end, 65536):
+                with self.lock:
+                    if self.passthrough is None:
+                        self.collected += chunk
+                    else:
+                        _write_lines(self.passthrough, chunk)
+        finally:
+            os.close(read_end)
+            with self.lock:
+                self.finished = True
+                if self.passthrough is not None:
+                    os.close(self.passthrough)
+
+    def release(self, fd: int, still_open: bool) -> None:
+        """Write what was collected, less the banner, to ``fd``; the reader passes on the rest (and closes
+        ``fd``) if the pipe is still open, else ``fd`` is closed here."""
+        with self.lock:
+            _write_lines(fd, without_banner(bytes(self.collected)))
+            self.collected.clear()
+            if still_open and not self.finished:
+                self.passthrough = fd
+                return
+        os.close(fd)
+
+
+def without_banner(data: bytes) -> bytes:
+    """``data`` less LiteRT's banner: its message, the last ``INFO: `` before it, and the next newline."""
+    prefix, message = LITERT_BANNER
+    at = data.find(message)
+    if at < 0:
+        return data
+    start = data.rfind(prefix, 0, at)
+    newline = data.find(b"\n", at + len(message))
+    head = data[:at] if start < 0 else data[:start] + data[start + len(prefix) : at]
+    tail = data[at + len(message) :]
+    if newline >= 0:
+        cut = newline - at - len(message)
+        tail = tail[:cut] + tail[cut + 1 :]
+    return head + tail
+
+
+def _write_lines(fd: int, data: bytes, most: int = 4096) -> None:
+    """``data`` in writes of whole lines of at most ``most`` bytes (PIPE_BUF): a pipe's writes that size are
+    atomic, so lines other threads write at the same moment never land inside these."""
+    start = 0
+    while start < len(data):
+        end = data.rfind(b"\n", start, start + most) + 1 if len(data) - start > most else len(data)
+        if end <= start:  # one line longer than that: as it comes
+            end = start + most
+        _write_all(fd, data[start:end])
+        start = end
 
 
 def _write_all(fd: int, data: bytes) -> None:
