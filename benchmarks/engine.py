@@ -11,8 +11,10 @@ each round: cold (starting its LocalCluster, as `daskmv run` does) and warm (a c
 in a notebook). "decode only" is the JPEG-decode rate of the same processes: the ceiling for any method
 that decodes every file. Methods are interleaved and repeated; the table gives medians.
 
-Driver memory: a trivial op (no file reads) over 100,000- and 1,000,000-row manifests, each in a fresh
-process, reporting that process's peak RSS (the driver alone; workers are other processes).
+Memory: beside every rate, the peak of the process tree's memory during that run (the sum of PSS of the
+benchmark process and all its children, workers included; see benchmarks/memory.py). Driver memory: a
+trivial op (no file reads) over 100,000- and 1,000,000-row manifests, each in a fresh process, reporting
+that process's peak RSS (the driver alone) and the peak of its whole tree.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ sys.path.insert(0, str(HERE))  # bench_ops and baselines, importable by workers 
 os.environ["PYTHONPATH"] = os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
 
 import baselines  # noqa: E402
+from memory import TreeMemory  # noqa: E402
 
 
 # -- data --------------------------------------------------------------------------------------------
@@ -130,12 +133,14 @@ def rss_child(rows: int, work: str, workers: int, partition_rows: int | None) ->
         pd.DataFrame({"id": [f"r{i:08d}" for i in range(rows)], "label": np.arange(rows) % 97}).to_parquet(
             manifest, index=False, row_group_size=100_000)
     t = time.perf_counter()
-    result = daskmv.run(str(manifest), "bench_ops:Square", str(Path(work) / f"trivial-{rows}-out"), workers=workers,
-                        overwrite=True, progress="none", partition_rows=partition_rows,
-                        cluster_kwargs={"dashboard_address": ":0"})
+    with TreeMemory() as mem:
+        result = daskmv.run(str(manifest), "bench_ops:Square", str(Path(work) / f"trivial-{rows}-out"),
+                            workers=workers, overwrite=True, progress="none", partition_rows=partition_rows,
+                            cluster_kwargs={"dashboard_address": ":0"})
     seconds = time.perf_counter() - t
     peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"rows": rows, "seconds": seconds, "peak_rss_mb": peak_kb / 1024, "ok": result.counts["ok"]}))
+    print(json.dumps({"rows": rows, "seconds": seconds, "peak_rss_mb": peak_kb / 1024, "tree_peak_mb": mem.peak_mb,
+                      "ok": result.counts["ok"]}))
 
 
 def measure_rss(rows: int, work: Path, workers: int, partition_rows: int | None) -> dict:
@@ -215,28 +220,35 @@ def main() -> None:
         names["decode-reduced"] = f"decode only at 1/{scale} size (Pool)"
         names["reduced"] = f"daskmv, {w} workers, cluster already up, --decode-scale {scale}"
     runs: dict[str, list[float]] = {k: [] for k in names}
+    peaks: dict[str, list[float]] = {k: [] for k in names}  # the process tree's peak memory, per run
+
+    def timed(key: str, method, *a, **kw):
+        """Run one method, recording its seconds (its first result) and the process tree's peak memory."""
+        with TreeMemory() as mem:
+            result = method(*a, **kw)
+        seconds = result[0] if isinstance(result, tuple) else result
+        runs[key].append(seconds)
+        peaks[key].append(mem.peak_mb)
+        return result
+
     for _ in range(args.repeat):  # interleaved, so drift on a shared machine hits every method alike
-        runs["decode"].append(baselines.decode_limit(paths, w))
-        runs["compute"].append(baselines.pool_compute_only(paths, w))
-        seconds, loop_rows = baselines.loop_run(paths, fresh(scratch / "loop-out"))
-        runs["loop"].append(seconds)
-        seconds, pool_rows = baselines.pool_run(paths, fresh(scratch / "pool-out"), w)
-        runs["pool"].append(seconds)
-        runs["naive"].append(baselines.pool_run(paths, fresh(scratch / "pool-out"), w, naive=True)[0])
-        seconds, counts = daskmv_run(manifest, Path(fresh(scratch / "daskmv-out")), w, extra)
+        timed("decode", baselines.decode_limit, paths, w)
+        timed("compute", baselines.pool_compute_only, paths, w)
+        loop_rows = timed("loop", baselines.loop_run, paths, fresh(scratch / "loop-out"))[1]
+        pool_rows = timed("pool", baselines.pool_run, paths, fresh(scratch / "pool-out"), w)[1]
+        timed("naive", baselines.pool_run, paths, fresh(scratch / "pool-out"), w, naive=True)
+        counts = timed("cold", daskmv_run, manifest, Path(fresh(scratch / "daskmv-out")), w, extra)[1]
         assert counts["ok"] == n, counts
-        runs["cold"].append(seconds)
         with local_cluster(w, dashboard_address=":0") as cluster, Client(cluster) as client:
             # A notebook session after its first run: workers have imported daskmv and set up the ops.
             daskmv_run(manifest, Path(fresh(scratch / "daskmv-warmup")), w, {**extra, "limit": 64}, client=client)
             out = Path(fresh(scratch / "daskmv-out"))
-            runs["warm"].append(daskmv_run(manifest, out, w, extra, client=client)[0])
+            timed("warm", daskmv_run, manifest, out, w, extra, client=client)
             if scale > 1:
                 reduced_out = Path(fresh(scratch / "daskmv-reduced"))
-                runs["reduced"].append(daskmv_run(manifest, reduced_out, w, {**extra, "decode_scale": scale},
-                                                  client=client)[0])
+                timed("reduced", daskmv_run, manifest, reduced_out, w, {**extra, "decode_scale": scale}, client=client)
         if scale > 1:
-            runs["decode-reduced"].append(baselines.decode_limit(paths, w, reduced=True))
+            timed("decode-reduced", baselines.decode_limit, paths, w, reduced=True)
     check_same_results(pool_rows, scratch / "daskmv-out")
     profile = worker_profile(scratch / "daskmv-out")
     effect = reduced_effect(scratch / "daskmv-out", scratch / "daskmv-reduced") if scale > 1 else {}
@@ -244,6 +256,7 @@ def main() -> None:
         shutil.rmtree(scratch / name, ignore_errors=True)
 
     timings = {names[k]: float(np.median(v)) for k, v in runs.items()}
+    memory = {names[k]: float(np.median(v)) for k, v in peaks.items()}
     rate = {k: n / v for k, v in timings.items()}
     cold, warm = rate[names["cold"]], rate[names["warm"]]
     pool, loop, limit = rate[names["pool"]], rate[names["loop"]], rate[names["decode"]]
@@ -255,12 +268,14 @@ def main() -> None:
         f"- work: {n:,} JPEGs of {args.width}x{args.height}; decode, resize to 224x224 (INTER_AREA), stats; "
         f"{w} processes each; median of {args.repeat} interleaved runs; results checked equal",
         f"- outputs written to: {scratch}",
+        "- peak memory: the largest sum of PSS over the benchmark process and all its child processes (workers "
+        "included), sampled every 0.2 s during each run; median over the runs",
         "",
-        "| method | seconds | images/s | daskmv (cold) / this |",
-        "|---|---:|---:|---:|",
+        "| method | seconds | images/s | peak memory (MB) | daskmv (cold) / this |",
+        "|---|---:|---:|---:|---:|",
     ]
     for name, secs in timings.items():
-        lines.append(f"| {name} | {secs:.2f} | {rate[name]:,.0f} | {cold / rate[name]:.2f}x |")
+        lines.append(f"| {name} | {secs:.2f} | {rate[name]:,.0f} | {memory[name]:,.0f} | {cold / rate[name]:.2f}x |")
     lines += [
         "",
         f"daskmv / Pool: {cold / pool:.2f}x cold, {warm / pool:.2f}x warm (target >= 0.9x); "
@@ -271,7 +286,8 @@ def main() -> None:
     ]
     if scale > 1:
         reduced = rate[names["reduced"]]
-        lines += ["", f"With --decode-scale {scale}: {reduced:,.0f} images/s, {reduced / limit:.0%} of the full-size "
+        lines += ["", f"With --decode-scale {scale}: {reduced:,.0f} images/s ({memory[names['reduced']]:,.0f} MB peak), "
+                      f"{reduced / limit:.0%} of the full-size "
                       f"decode-only rate (target >= 60%), {reduced / rate[names['naive']]:.2f}x the hand-written Pool. "
                       "What it changes in the results:", "",
                   "| result | full decode vs reduced |", "|---|---:|"]
@@ -281,12 +297,14 @@ def main() -> None:
     lines += [f"| {k} | {v:.3f} |" for k, v in profile.items()]
     sizes = [int(x) for x in args.rss_rows.split(",") if x.strip() and int(x) > 0]
     if sizes:
-        lines += ["", "| trivial op, rows | seconds | rows/s | driver peak RSS (MB) |", "|---:|---:|---:|---:|"]
+        lines += ["", "| trivial op, rows | seconds | rows/s | driver peak RSS (MB) | process tree peak memory (MB) |",
+                  "|---:|---:|---:|---:|---:|"]
         peaks = []
         for rows in sizes:
             res = measure_rss(rows, work, w, args.partition_rows)
             peaks.append(res["peak_rss_mb"])
-            lines.append(f"| {rows:,} | {res['seconds']:.1f} | {rows / res['seconds']:,.0f} | {res['peak_rss_mb']:.0f} |")
+            lines.append(f"| {rows:,} | {res['seconds']:.1f} | {rows / res['seconds']:,.0f} | {res['peak_rss_mb']:.0f} | "
+                         f"{res['tree_peak_mb']:.0f} |")
         if len(peaks) > 1:
             lines += ["", f"driver peak RSS grows {peaks[-1] / peaks[0]:.2f}x from {sizes[0]:,} to {sizes[-1]:,} rows "
                           "(target < 1.3x, under 1 GB)"]

@@ -40,6 +40,7 @@ os.environ["PYTHONPATH"] = os.pathsep.join([str(HERE), os.environ.get("PYTHONPAT
 
 import relight_baseline  # noqa: E402
 from engine import commit, fresh, machine, warm_cache, worker_profile  # noqa: E402
+from memory import TreeMemory  # noqa: E402
 
 PEOPLE = HERE.parent / "data" / "people"  # carried in the repository (SOURCE.txt there)
 
@@ -160,8 +161,9 @@ def device_run(manifest: Path, work: Path, args: argparse.Namespace) -> None:
         sampler = subprocess.Popen(["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits",
                                     "-lms", "200"], stdout=subprocess.PIPE, text=True)
     t = time.perf_counter()
-    result = daskmv.run(str(masked), spec, fresh(work / "device-out"), progress="none",
-                        cluster_kwargs={"dashboard_address": ":0"})
+    with TreeMemory() as mem:
+        result = daskmv.run(str(masked), spec, fresh(work / "device-out"), progress="none",
+                            cluster_kwargs={"dashboard_address": ":0"})
     seconds = time.perf_counter() - t
     busy = "n/a (no GPU)"
     if sampler is not None:
@@ -174,9 +176,12 @@ def device_run(manifest: Path, work: Path, args: argparse.Namespace) -> None:
              f"- machine: {machine()}; {gpus} GPU(s); commit {commit()}",
              f"- work: {n} portraits of {args.size}x{args.size}; relight with masks read from a column "
              "(segmenter excluded); cluster start included", "",
-             "| images | seconds | images/s | images/s per GPU | GPU utilisation |", "|---:|---:|---:|---:|---|",
+             "| images | seconds | images/s | images/s per GPU | peak memory (MB) | GPU utilisation |",
+             "|---:|---:|---:|---:|---:|---|",
              f"| {result.counts['ok']:,} | {seconds:.1f} | {n / seconds:.1f} | "
-             f"{n / seconds / max(1, gpus):.1f} | {busy} |", "",
+             f"{n / seconds / max(1, gpus):.1f} | {mem.peak_mb:,.0f} | {busy} |", "",
+             "Peak memory: the largest sum of PSS over this process and all its children (the workers), sampled "
+             "every 0.2 s during the run.", "",
              "Target on a GPU: >= 200 images/s per GPU. Where a worker's time goes (ms per row):", "",
              "| part | ms per row |", "|---|---:|"]
     lines += [f"| {k} | {v:.1f} |" for k, v in profile.items()]
@@ -218,20 +223,27 @@ def main() -> None:
     if args.skip_exact:
         names = {k: v for k, v in names.items() if not k.startswith("exact")}
     runs: dict[str, list[float]] = {k: [] for k in names}
+    peaks: dict[str, list[float]] = {k: [] for k in names}  # the process tree's peak memory, per run
+
+    def timed(key: str, method, *a, **kw) -> None:
+        with TreeMemory() as mem:
+            runs[key].append(method(*a, **kw))
+        peaks[key].append(mem.peak_mb)
+
     for _ in range(args.repeat):
-        runs["decode"].append(decode_limit(frame["path"].tolist(), w))
+        timed("decode", decode_limit, frame["path"].tolist(), w)
         for key in [k for k in names if "-npy" in k or k == "exact-png"]:
             how, store = key.split("-")
-            runs[key].append(pool_run(frame, fresh(work / f"baseline-{key}"), w, how, store))
-        runs["daskmv"].append(daskmv_run(manifest, fresh(work / "relight-out"), w))
-        runs["daskmv-png"].append(daskmv_run(manifest, fresh(work / "relight-out-png"), w, export="png"))
+            timed(key, pool_run, frame, fresh(work / f"baseline-{key}"), w, how, store)
+        timed("daskmv", daskmv_run, manifest, fresh(work / "relight-out"), w)
+        timed("daskmv-png", daskmv_run, manifest, fresh(work / "relight-out-png"), w, export="png")
         from distributed import Client
 
         from daskmv.cluster import local_cluster
 
         with local_cluster(w, dashboard_address=":0") as cluster, Client(cluster) as client:
             daskmv_run(manifest, fresh(work / "relight-warmup"), w, client=client, limit=8)
-            runs["daskmv-warm"].append(daskmv_run(manifest, fresh(work / "relight-out"), w, client=client))
+            timed("daskmv-warm", daskmv_run, manifest, fresh(work / "relight-out"), w, client=client)
     diff = agreement(frame, str(work / "baseline-shrunk-npy"), str(work / "relight-out"))
     profile = worker_profile(work / "relight-out")  # the last daskmv run: the warm one
     for key in [*names, "warmup"]:
@@ -239,6 +251,7 @@ def main() -> None:
     shutil.rmtree(work / "relight-warmup", ignore_errors=True)
 
     rate = {k: n / float(np.median(v)) for k, v in runs.items()}
+    memory = {k: float(np.median(v)) for k, v in peaks.items()}
     ours = rate["daskmv"]
     lines = [
         f"## Relight benchmark, {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC",
@@ -247,12 +260,15 @@ def main() -> None:
         f"- machine: {machine()}; commit {commit()}",
         f"- work: {n} portraits of {args.size}x{args.size} (JPEG); segment, albedo, degrade, composite, all seven "
         f"images stored; {w} processes each; median of {args.repeat} run(s)",
+        "- peak memory: the largest sum of PSS over the benchmark process and all its child processes (workers "
+        "included), sampled every 0.2 s during each run",
         "",
-        "| method | seconds | images/s | daskmv / this |",
-        "|---|---:|---:|---:|",
+        "| method | seconds | images/s | peak memory (MB) | daskmv / this |",
+        "|---|---:|---:|---:|---:|",
     ]
     for key, name in names.items():
-        lines.append(f"| {name} | {n / rate[key]:.1f} | {rate[key]:.1f} | {ours / rate[key]:.2f}x |")
+        lines.append(f"| {name} | {n / rate[key]:.1f} | {rate[key]:.1f} | {memory[key]:,.0f} | "
+                     f"{ours / rate[key]:.2f}x |")
     target = rate.get("exact-png", rate["shrunk-npy"])
     lines += [
         "",

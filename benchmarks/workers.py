@@ -22,6 +22,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from engine import commit, machine, make_images, warm_cache  # noqa: E402
+from memory import TreeMemory  # noqa: E402
 
 
 def main() -> None:
@@ -54,43 +55,47 @@ def main() -> None:
     }
     out = scratch / "workers-out"
     results = {}
+    memory: dict[str, float] = {}  # the process tree's peak memory (MB) over a layout's timed runs
 
-    def timed(client, **options) -> float:
+    def timed(client, **options) -> tuple[float, float]:
         daskmv.run(str(manifest), "resize,stats", str(out), client=client, progress="none", limit=64,
                    overwrite=True, **options)
-        times = []
+        times, peaks = [], []
         for _ in range(args.repeat):
             shutil.rmtree(out, ignore_errors=True)
             os.sync()
             t = time.perf_counter()
-            daskmv.run(str(manifest), "resize,stats", str(out), client=client, progress="none", **options)
+            with TreeMemory() as mem:
+                daskmv.run(str(manifest), "resize,stats", str(out), client=client, progress="none", **options)
             times.append(time.perf_counter() - t)
-        return statistics.median(times)
+            peaks.append(mem.peak_mb)
+        return statistics.median(times), statistics.median(peaks)
 
     for name, start in layouts.items():
         with start() as cluster, Client(cluster) as client:
-            results[name] = timed(client)
+            results[name], memory[name] = timed(client)
     threads = {}
     with layouts["2 processes x 1 thread (default)"]() as cluster, Client(cluster) as client:
         for n in [int(x) for x in args.decode_threads.split(",") if x.strip()]:
             label = f"{n} loader thread(s) per worker" + (" (default)" if n == 2 else "") + \
                 (": read and decode on the task's thread" if n == 0 else "")
-            threads[label] = timed(client, decode_threads=n)
+            threads[label], memory[label] = timed(client, decode_threads=n)
     shutil.rmtree(out, ignore_errors=True)
     best = min(results.values())
     lines = [f"## Worker layouts, {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC", "",
              f"- command: `python benchmarks/workers.py {' '.join(sys.argv[1:])}`".rstrip(),
              f"- machine: {machine()}; commit {commit()}",
              f"- work: {args.images:,} JPEGs of {args.width}x{args.height}, resize,stats; median of {args.repeat}; "
-             f"outputs in {scratch}",
-             "", "| layout | seconds | images/s | time / best |", "|---|---:|---:|---:|"]
+             f"outputs in {scratch}; peak memory: the largest sum of PSS over the benchmark process and all its "
+             "child processes (the workers), sampled every 0.2 s during each run",
+             "", "| layout | seconds | images/s | peak memory (MB) | time / best |", "|---|---:|---:|---:|---:|"]
     for name, secs in results.items():
-        lines.append(f"| {name} | {secs:.2f} | {args.images / secs:,.0f} | {secs / best:.2f}x |")
+        lines.append(f"| {name} | {secs:.2f} | {args.images / secs:,.0f} | {memory[name]:,.0f} | {secs / best:.2f}x |")
     if threads:
         fastest = min(threads.values())
         lines += ["", "Decode overlapped with compute: loader threads per worker (2 processes x 1 thread):", "",
-                  "| loader threads | seconds | images/s | time / best |", "|---|---:|---:|---:|"]
-        lines += [f"| {name} | {secs:.2f} | {args.images / secs:,.0f} | {secs / fastest:.2f}x |"
+                  "| loader threads | seconds | images/s | peak memory (MB) | time / best |", "|---|---:|---:|---:|---:|"]
+        lines += [f"| {name} | {secs:.2f} | {args.images / secs:,.0f} | {memory[name]:,.0f} | {secs / fastest:.2f}x |"
                   for name, secs in threads.items()]
     report = "\n".join(lines)
     print(report)
