@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -35,6 +34,7 @@ sys.path.insert(0, str(HERE))
 os.environ["PYTHONPATH"] = os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
 
 from engine import commit, machine, make_images, warm_cache  # noqa: E402
+from memory import TreeMemory  # noqa: E402
 
 SIZE = 224
 
@@ -107,47 +107,6 @@ class ZarrPerRowDataset:
 
 
 # -- measuring ---------------------------------------------------------------------------------------
-def tree_pss_mb() -> float:
-    """PSS of this process and all its descendants, in MB (from /proc/<pid>/smaps_rollup)."""
-    import psutil
-
-    me = psutil.Process()
-    total = 0
-    for proc in [me, *me.children(recursive=True)]:
-        try:
-            with open(f"/proc/{proc.pid}/smaps_rollup") as fh:
-                for line in fh:
-                    if line.startswith("Pss:"):
-                        total += int(line.split()[1])
-                        break
-        except (FileNotFoundError, ProcessLookupError, PermissionError):
-            continue
-    return total / 1024
-
-
-class PeakPss:
-    """Samples the process tree's PSS on a thread while the block runs; ``peak`` in MB."""
-
-    def __init__(self, every: float = 0.01) -> None:
-        self.every, self.peak, self._stop = every, 0.0, threading.Event()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, tree_pss_mb())
-            self._stop.wait(self.every)
-
-    def __enter__(self) -> PeakPss:
-        self.peak = tree_pss_mb()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, tree_pss_mb())
-
-
 def epoch(dataset, workers: int, batch_size: int, seed: int) -> tuple[float, float, int]:
     """(seconds, peak PSS MB, checksum) of one shuffled epoch through a DataLoader."""
     import torch
@@ -156,12 +115,12 @@ def epoch(dataset, workers: int, batch_size: int, seed: int) -> tuple[float, flo
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, shuffle=True,
                         generator=torch.Generator().manual_seed(seed))
     checksum = 0
-    with PeakPss() as pss:
+    with TreeMemory(interval=0.01) as memory:
         t = time.perf_counter()
         for batch in loader:
             checksum += int(batch["resized"][:, 0, 0, 0].sum())  # touch every batch; cheap, same for all
         seconds = time.perf_counter() - t
-    return seconds, pss.peak, checksum
+    return seconds, memory.peak_mb, checksum
 
 
 def main() -> None:
