@@ -94,6 +94,11 @@ class PreparedPipeline:
     def specs(self) -> list[Output]:
         return [spec for op in self.ops for spec in op.output_specs()]
 
+    @property
+    def artifact_ops(self) -> set[int]:
+        """Positions of the ops with artifact outputs (their rows' folders move into the root)."""
+        return {k for k, op in enumerate(self.ops) if any(s.kind == "artifact" for s in op.output_specs())}
+
 
 class OpCache(WorkerPlugin):
     """Per-worker-process cache of set-up pipelines, keyed by fingerprint (models load once)."""
@@ -443,7 +448,7 @@ def _process_batches(prepared: PreparedPipeline, records: list[Row], task: Parti
             for (i, row), out in zip(live, outs, strict=True):
                 res.seconds[i] += elapsed / len(live)
                 checked = out if isinstance(out, BaseException) else _check_outputs(op, out)
-                if not isinstance(checked, BaseException) and store is not None:
+                if store is not None and not isinstance(checked, BaseException) and k in prepared.artifact_ops:
                     checked = _store_artifacts(op, checked, row, store, attempt, res.artifacts)
                 if isinstance(checked, BaseException):
                     res.fail(i, _format_error(op.name, checked))
@@ -731,8 +736,9 @@ def written_columns(specs: Sequence[Output], export: str | None) -> set[str]:
 def inputs_hash(rows: pd.DataFrame) -> str:
     """A digest of every column of a partition's rows, as text: tells a resumed run that pass-through
     columns changed (the outputs stay valid; the manifest must carry the new values)."""
-    hashes = pd.util.hash_pandas_object(rows.astype(str), index=False).to_numpy(dtype="<u8")
-    names = "\x1f".join(map(str, rows.columns)).encode()
+    hashable = rows.astype({c: str for c, t in rows.dtypes.items() if t == object})  # lists after `group`
+    hashes = pd.util.hash_pandas_object(hashable, index=False).to_numpy(dtype="<u8")
+    names = "\x1f".join(f"{c}:{t}" for c, t in rows.dtypes.items()).encode()
     return hashlib.sha256(names + hashes.tobytes()).hexdigest()[:20]
 
 
