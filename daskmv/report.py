@@ -30,7 +30,7 @@ from daskmv.errors import PipelineError
 from daskmv.ops.base import looks_like_image
 from daskmv.ops.image import decode_image, read_bytes
 from daskmv.paths import resolve_path
-from daskmv.store import MANIFEST, RUN_JSON, Store, parse_ref
+from daskmv.store import MANIFEST, RUN_JSON, Store, counts_for, parse_ref
 
 REPORT = "report.html"
 THUMB = 192
@@ -52,10 +52,8 @@ class RunFacts:
         store = Store(root, storage_options)
         status = store.status()  # raises a StoreError for a folder that is not an output root
         run = store.read_json(RUN_JSON) or {}
-        n_parts = int(run.get("partitions") or 0)
-        fingerprint = run["binding"]["fingerprint"]
-        markers = sorted((m.info or {} for i, m in store.markers().items()
-                          if m.fingerprint == fingerprint and i < n_parts), key=lambda m: m.get("index", 0))
+        markers = sorted((m.info or {} for m in store.markers().values() if counts_for(run, m)),
+                         key=lambda m: m.get("index", 0))
         if run.get("state") in ("complete", "incomplete") and store.exists(MANIFEST):
             with store.open(MANIFEST) as fh:
                 rows, source = pd.read_parquet(fh), "manifest.parquet"
