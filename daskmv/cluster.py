@@ -20,6 +20,7 @@ import re
 import shutil
 import socket
 import subprocess
+import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -227,7 +228,12 @@ def connect(
         with slurm(profile, jobs=workers, note=note, **cluster_kwargs) as sc, Client(sc) as client:
             note(f"SLURM cluster{' ' + profile if profile else ''}: jobs submitted; dashboard: "
                  f"{client.dashboard_link}; waiting for the first worker (squeue shows the jobs)")
-            client.wait_for_workers(1, timeout=SLURM_START_TIMEOUT)
+            try:
+                client.wait_for_workers(1, timeout=SLURM_START_TIMEOUT)
+            except TimeoutError:
+                raise RunError(f"no SLURM job started a worker within {SLURM_START_TIMEOUT:.0f} s (squeue shows why "
+                               "the jobs wait: partition, resources, limits); set DASKMV_SLURM_START_TIMEOUT to wait "
+                               "longer, or fix the profile") from None
             yield client
         return
     if cluster.startswith(SCHEDULER_SCHEMES):
@@ -271,10 +277,32 @@ def slurm(profile: str | None = None, jobs: int | None = None, minimum_jobs: int
                          "deploy/slurm/jobqueue.yaml into ~/.config/dask/ (or $DASK_CONFIG) and edit it") from None
     except ValueError as exc:  # a missing cores/memory: dask-jobqueue's message shows the corrected call
         raise UsageError(f"--cluster slurm{':' + profile if profile else ''}: {exc}") from None
+    refused = sbatch_refuses(cluster.job_script())
+    if refused:
+        cluster.close()
+        raise UsageError(f"--cluster slurm{':' + profile if profile else ''}: SLURM refuses the worker job "
+                         f"(sbatch --test-only: {refused}); fix the profile or --config cluster_kwargs")
     low = minimum_jobs if minimum_jobs is not None else (jobs or 1)
     high = maximum_jobs if maximum_jobs is not None else max(low, jobs or 1)
     cluster.adapt(minimum_jobs=low, maximum_jobs=high)
     return cluster
+
+
+def sbatch_refuses(script: str) -> str | None:
+    """SLURM's objection to a job script, from ``sbatch --test-only`` (None: it would be queued). A request
+    no node can satisfy is refused here, in one line, instead of every job submission failing later."""
+    if shutil.which("sbatch") is None:
+        return None
+    with tempfile.NamedTemporaryFile("w", suffix=".sh", delete=False) as fh:
+        fh.write(script)
+    try:
+        proc = subprocess.run(["sbatch", "--test-only", fh.name], capture_output=True, text=True, timeout=60)
+    finally:
+        os.unlink(fh.name)
+    if proc.returncode == 0:
+        return None
+    lines = [line.removeprefix("sbatch: error: ").strip() for line in proc.stderr.splitlines() if line.strip()]
+    return "; ".join(lines) or f"exit code {proc.returncode}"
 
 
 def _node_size_from_sinfo(profile: str | None, job_kwargs: dict[str, Any],

@@ -17,10 +17,12 @@ a partition whose rows changed, even under the same ids.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import posixpath
 import re
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -131,7 +133,8 @@ class Manifest:
             if remaining is not None and remaining <= 0:
                 return
             try:
-                df = part.compute(scheduler="sync")
+                with _dask_pandas_deprecations_ignored():
+                    df = part.compute(scheduler="sync")
             except Exception as exc:  # corrupt or unreadable manifest data
                 raise ManifestError(f"cannot read manifest {self.url}: {type(exc).__name__}: {exc}") from None
             if remaining is not None:
@@ -268,6 +271,15 @@ def _group_starts(manifest: Manifest, keys: pd.Series) -> np.ndarray:
                                     f"{manifest.partition_by!r} to keep each group in one task")
             seen.add(codes[start])
     return starts
+
+
+@contextlib.contextmanager
+def _dask_pandas_deprecations_ignored() -> Iterator[None]:
+    """dask 2026.7 calls a pandas API that pandas 3.1 deprecates: nothing for a user to act on, and fatal
+    where warnings are errors. Ignored here only, never in the user's process at large."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The inplace keyword in DataFrame.reset_index")
+        yield
 
 
 def _take(frames: list[pd.DataFrame], n: int) -> tuple[pd.DataFrame, list[pd.DataFrame], int]:

@@ -133,6 +133,31 @@ def test_slurm_profile_errors_are_clear(slurm, dataset, tmp_path):
     assert proc.returncode == 2 and "no-such-profile" in proc.stderr and "Traceback" not in proc.stderr
 
 
+def test_a_job_slurm_cannot_run_is_refused_in_one_line(slurm, dataset, site_config, tmp_path):
+    site = yaml.safe_load(site_config.read_text())
+    site["cluster_kwargs"]["memory"] = "4000GB"  # more than any node has
+    site_config.write_text(yaml.safe_dump(site))
+    proc = subprocess.run(slurm_run(dataset, tmp_path / "out", site_config, "resize"), capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert "SLURM refuses the worker job (sbatch --test-only: allocation failure: Requested node configuration" in proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_slurm_jobs_that_never_start_are_a_clear_error(slurm, dataset, site_config, tmp_path):
+    """Jobs that stay pending (here: told to begin in an hour) end the run after the start timeout with a
+    message about SLURM, not a misdiagnosis of the output root or the scheduler."""
+    site = yaml.safe_load(site_config.read_text())
+    extra = list(site["cluster_kwargs"].get("job_extra_directives") or [])
+    site["cluster_kwargs"]["job_extra_directives"] = [*extra, "--begin=now+3600"]
+    site_config.write_text(yaml.safe_dump(site))
+    proc = subprocess.run(slurm_run(dataset, tmp_path / "out", site_config, "resize"), capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "DASKMV_SLURM_START_TIMEOUT": "8"})
+    assert proc.returncode == 1, proc.stderr
+    assert "no SLURM job started a worker within 8 s" in proc.stderr, proc.stderr
+    assert "output root" not in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
 @pytest.fixture
 def tiny_disk(tmp_path):
     """A 16 MB filesystem (tmpfs), to fill up; skipped where mounting is not allowed."""

@@ -137,3 +137,14 @@ def test_tsv_and_compressed_csv(tmp_path):
         m = read_manifest(str(tmp_path / name))
         assert m.format == "csv" and m.n_rows == 2
         assert pd.concat(m.partitions(5))["path"].tolist() == ["a.jpg", "b c.jpg"]
+
+
+def test_reading_a_manifest_raises_no_warning_where_warnings_are_errors(tmp_path):
+    """dask calls a pandas API pandas deprecates; a user whose warnings are errors must still read manifests."""
+    import warnings
+
+    pd.DataFrame({"path": ["a.jpg", "b.jpg"]}).to_parquet(tmp_path / "m.parquet", index=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        m = read_manifest(str(tmp_path / "m.parquet"))
+        assert [len(p) for p in m.partitions(10)] == [2]
