@@ -208,9 +208,7 @@ def load_output(manifest_path: str, row_id: str, column: str,
             raise ValueError(f"{name!r} in {manifest} is a column, not an array output (array outputs: {arrays}); "
                              "read it with pandas")
         raise KeyError(f"{manifest} has no array output {name!r} (array outputs: {arrays})")
-    position = table.ids.get(row_id)
-    if position is None:
-        raise KeyError(f"no row with id {row_id!r} in {manifest}")
+    position = _position(table, manifest, row_id)
     ref = table.column(ref_column)[position]
     if ref is None or ref != ref:
         status = table.column("status")[position] if "status" in table.names else None
@@ -219,6 +217,13 @@ def load_output(manifest_path: str, row_id: str, column: str,
         raise ValueError(f"row {row_id!r} has no {name!r} output in {manifest}{why if status else ''}")
     url, row = resolve_ref(manifest, ref)
     return _read(url, row, storage_options or None, table.version, manifest, row_id, name)
+
+
+def _position(table: _Table, manifest: str, row_id: str) -> int:
+    position = table.ids.get(row_id)
+    if position is None:
+        raise KeyError(f"no row with id {row_id!r} in {manifest}")
+    return position
 
 
 def _holds_refs(values: Sequence[Any]) -> bool:
@@ -236,10 +241,7 @@ def artifact_path(manifest_path: str, row_id: str, output: str,
     column = output if output.endswith("_path") else f"{output}_path"
     if column not in table.names:
         raise KeyError(f"{manifest} has no artifact output {output!r}")
-    position = table.ids.get(row_id)
-    if position is None:
-        raise KeyError(f"no row with id {row_id!r} in {manifest}")
-    rel = table.column(column)[position]
+    rel = table.column(column)[_position(table, manifest, row_id)]
     if rel is None or rel != rel:
         raise ValueError(f"row {row_id!r} has no {output!r} artifact in {manifest}")
     if "://" in rel or rel.startswith("/"):

@@ -108,3 +108,14 @@ def without_refs(frame: pd.DataFrame) -> pd.DataFrame:
     refs = [c for c in frame.columns if frame[c].dtype == object or str(frame[c].dtype).startswith(("str", "string"))
             if is_refs(frame[c])]
     return frame.drop(columns=["seconds", *refs]).reset_index(drop=True)
+
+
+def wait_for(predicate, timeout: float = 120.0, what: str = "condition") -> None:
+    """Poll ``predicate`` until it holds; fail the test after ``timeout`` seconds."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)

@@ -18,6 +18,7 @@ import pytest
 from distributed import Client, LocalCluster
 
 import daskmv
+from conftest import wait_for
 from daskmv.data import load_output
 from daskmv.store import Store
 
@@ -27,14 +28,6 @@ DASKMV = [sys.executable, "-m", "daskmv.cli"]
 
 def markers(out: Path) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted((out / "parts").glob("p*[0-9].json"))]
-
-
-def wait_for(predicate, timeout: float = 120.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 def comparable(frame: pd.DataFrame) -> pd.DataFrame:

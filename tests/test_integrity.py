@@ -16,19 +16,12 @@ import pytest
 from distributed import Client, LocalCluster
 
 import daskmv
+from conftest import wait_for
 from daskmv.data import load_output
 from daskmv.store import Store, parse_attempt
 
 pytestmark = pytest.mark.slow
 DASKMV = [sys.executable, "-m", "daskmv.cli"]
-
-
-def wait_for(predicate, timeout: float = 120.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 def attempts_on_disk(out: Path) -> set[str]:
