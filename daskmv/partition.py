@@ -52,8 +52,14 @@ PLUGIN_NAME = "daskmv-ops"
 #: sending it that pipeline's partitions): a missing model or a broken GPU does not fix itself.
 SETUP_ATTEMPTS = 2
 #: A micro-batch ends at ``batch_size`` rows or once its loaded inputs (decoded images, file bytes) reach
-#: this many bytes: 32 rows of 12-megapixel photos, and every output the ops make of them, would not fit.
-BATCH_BYTES = 256 << 20
+#: this many bytes, and the loaders read one such batch ahead. On CPU, ops gain nothing from large batches,
+#: while every decoded image in flight is worker memory kept for good (the malloc settings of
+#: :data:`daskmv.cluster.WORKER_MALLOC_ENV`): 9 rows of 640x480 photos per batch held a worker at 137 MB,
+#: 32 rows (and two batches ahead) at 215 MB, for the same speed (benchmarks/engine.py).
+BATCH_BYTES = 8 << 20
+#: The same budget on workers whose ops run on a GPU, which wants full batches (32 rows of 2.7-megapixel
+#: photos): 32 rows of 12-megapixel photos, and every output the ops make of them, would still not fit.
+GPU_BATCH_BYTES = 256 << 20
 
 
 @dataclass
@@ -428,7 +434,8 @@ def _finish_exports(prepared: PreparedPipeline, res: RowResults, n: int) -> None
 def _process_batches(prepared: PreparedPipeline, records: list[Row], task: PartitionTask, res: RowResults,
                      exporter: Any = None, store: Store | None = None, attempt: str = "") -> None:
     extra = {"manifest_base": task.base} if "manifest_base" in prepared.loader_inputs else {}
-    for batch in _loaded_batches(records, prepared.loader_inputs, task):
+    budget = GPU_BATCH_BYTES if any(device != "cpu" for device in prepared.devices) else BATCH_BYTES
+    for batch in _loaded_batches(records, prepared.loader_inputs, task, budget):
         live: list[tuple[int, Row]] = []
         for i, loaded, seconds in batch:
             res.seconds[i] += seconds
@@ -463,9 +470,11 @@ def _process_batches(prepared: PreparedPipeline, records: list[Row], task: Parti
 
 
 def _loaded_batches(
-    records: list[Row], wanted: frozenset[str], task: PartitionTask
+    records: list[Row], wanted: frozenset[str], task: PartitionTask, budget: int | None = None
 ) -> Iterator[list[tuple[int, Row | BaseException, float]]]:
-    """Micro-batches of (row index, loader inputs or the error, seconds), loaded ahead on threads."""
+    """Micro-batches of (row index, loader inputs or the error, seconds), loaded ahead on threads; a batch
+    ends at ``task.batch_size`` rows or ``budget`` bytes of loaded inputs (default :data:`BATCH_BYTES`)."""
+    budget = BATCH_BYTES if budget is None else budget
     size = max(1, task.batch_size)
     if not wanted - {"manifest_base"}:
         for start in range(0, len(records), size):
@@ -474,36 +483,36 @@ def _loaded_batches(
     if task.decode_threads <= 0:  # load on this thread: no overlap, no thread switching
         loaded = ((i, *_load_row(records[i], wanted, task)) for i in range(len(records)))
     else:
-        loaded = _load_ahead(records, wanted, task)
+        loaded = _load_ahead(records, wanted, task, budget)
     batch, held = [], 0
     for item in loaded:
         batch.append(item)
         held += _loaded_bytes(item[1])
-        if len(batch) >= size or held >= BATCH_BYTES:
+        if len(batch) >= size or held >= budget:
             yield batch
             batch, held = [], 0
     if batch:
         yield batch
 
 
-def _load_ahead(records: list[Row], wanted: frozenset[str], task: PartitionTask) -> Iterator[tuple[int, Any, float]]:
+def _load_ahead(records: list[Row], wanted: frozenset[str], task: PartitionTask,
+                budget: int) -> Iterator[tuple[int, Any, float]]:
     """Rows loaded in order on the loader threads, ahead of the ops, within a byte budget from the first row.
 
-    Rows in flight (submitted or loaded, not yet taken by a batch) are bounded by :data:`BATCH_BYTES` at the
-    mean size of the rows loaded so far, and to one per loader thread until the first row is in, when no
-    size is known. With the batch the ops work on (at most ``BATCH_BYTES`` plus a row), loaded rows hold at
+    Rows in flight (submitted or loaded, not yet taken by a batch) are bounded by ``budget`` (one micro-batch)
+    at the mean size of the rows loaded so far, and to one per loader thread until the first row is in, when
+    no size is known. With the batch the ops work on (at most ``budget`` plus a row), loaded rows hold at
     most about two budgets, whatever the images' size and however slow the ops.
     """
     pool = _pool(task.decode_threads)
-    size = max(1, task.batch_size)
-    ahead = size + max(size, 2 * task.decode_threads)
+    ahead = max(1, task.batch_size, 2 * task.decode_threads)
     pending: deque[tuple[int, Any]] = deque()
     todo = iter(range(len(records)))
     seen = [0, 0]  # rows loaded, their bytes
 
     def fill() -> None:
         if seen[0]:
-            limit = min(ahead, max(1, BATCH_BYTES * seen[0] // max(1, seen[1])))
+            limit = min(ahead, max(1, budget * seen[0] // max(1, seen[1])))
         else:
             limit = max(1, task.decode_threads)
         while len(pending) < limit:
