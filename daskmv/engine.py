@@ -39,8 +39,8 @@ from daskmv.cluster import connect, worker_summary
 from daskmv.errors import OutputRootError, RunError, SetupFailed, StoreError, TooManyRowErrors, UsageError
 from daskmv.manifest import Manifest, read_manifest
 from daskmv.ops.image import DECODE_SCALES
-from daskmv.partition import (SETUP_ATTEMPTS, OpCache, PartitionTask, failed_partition_table, inputs_hash,
-                              refresh_inputs, run_partition)
+from daskmv.partition import SETUP_ATTEMPTS, OpCache, PartitionTask, failed_partition_table, run_partition
+from daskmv.passthrough import inputs_hash, refresh_inputs
 from daskmv.pipeline import Pipeline, Plan
 from daskmv.progress import MODES, RunProgress
 from daskmv.store import ERRORS_LOG, LAYOUT, MANIFEST, RUN_JSON, Store, attempt_name, new_token, now
@@ -589,7 +589,7 @@ class _Runner:
     def _give_up(self, task: PartitionTask, message: str) -> None:
         self.progress.note(f"partition {task.index} failed after {task.attempt} attempts: {message}")
         self.failed[task.index] = message
-        rows = task.rows if task.retry_ids is None else task.rows[task.rows["id"].isin(task.retry_ids)]
+        rows = task.attempted_rows()
         error = f"partition: failed after {task.attempt} attempts: {message}"
         doc = {"error": message, "attempts": task.attempt, "rows": len(task.rows), "time": now()}
         if task.retry_ids is None:
