@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import multiprocessing
 import os
 import re
 import shutil
@@ -184,8 +185,37 @@ def local_cluster(workers: int | None = None, threads_per_worker: int = 1, **kwa
     kwargs.setdefault("silence_logs", logging.CRITICAL)
     settings = {f"distributed.nanny.pre-spawn-environ.{k}": v for k, v in WORKER_MALLOC_ENV.items()}
     settings.update(WORKER_CONFIG)
+    if _fork_server():
+        settings["distributed.worker.multiprocessing-method"] = "forkserver"
     with dask.config.set(settings):
         return _start_local(workers, threads_per_worker, **kwargs)
+
+
+def _fork_server() -> bool:
+    """Start the fork server local workers are forked from (see :mod:`daskmv.worker_preload`); True if it runs.
+
+    It is started once per driver process, with :data:`WORKER_MALLOC_ENV` in its environment (the workers it
+    forks inherit its malloc settings), and lives until the driver exits, so later clusters of the same
+    process start their workers at once. Where a fork server was already running (started by other code), it
+    is used as it is.
+    """
+    if "forkserver" not in multiprocessing.get_all_start_methods() or gpu_count():
+        return False
+    from multiprocessing import forkserver
+
+    if getattr(forkserver._forkserver, "_forkserver_pid", None) is None:
+        forkserver.set_forkserver_preload(["daskmv.worker_preload"])
+        saved = {k: os.environ.get(k) for k in WORKER_MALLOC_ENV}
+        os.environ.update({k: str(v) for k, v in WORKER_MALLOC_ENV.items()})
+        try:
+            forkserver.ensure_running()
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+    return True
 
 
 def _start_local(workers: int | None, threads_per_worker: int, **kwargs: Any) -> Any:
