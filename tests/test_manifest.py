@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fsspec
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -148,3 +149,42 @@ def test_reading_a_manifest_raises_no_warning_where_warnings_are_errors(tmp_path
         warnings.simplefilter("error")
         m = read_manifest(str(tmp_path / "m.parquet"))
         assert [len(p) for p in m.partitions(10)] == [2]
+
+
+@pytest.mark.filterwarnings("ignore:The inplace keyword")  # inside dask, reading the indexed file
+@pytest.mark.parametrize("index", [False, None, "label"])
+def test_a_parquet_files_row_groups_are_the_partitions_dask_reads(tmp_path, index):
+    """A single Parquet file is read with pyarrow, row group by row group: the same partitions, values and
+    dtypes as dd.read_parquet(split_row_groups=True), which the driver then need not import."""
+    import datetime
+
+    import dask.dataframe as dd
+
+    from daskmv.manifest import ParquetFile
+
+    n = 50
+    frame = pd.DataFrame({
+        "path": [f"img/{i}.jpg" if i % 7 else None for i in range(n)],
+        "label": np.arange(n) % 3,
+        "score": np.where(np.arange(n) % 5 == 0, np.nan, np.arange(n) / 7),
+        "flag": np.arange(n) % 2 == 0,
+        "when": pd.date_range("2024-01-01", periods=n, freq="h"),
+        "day": [datetime.date(2024, 1, 1 + i % 28) for i in range(n)],
+        "kind": pd.Categorical(["cat", "dog"] * (n // 2)),
+        "count": pd.array([1, None] * (n // 2), dtype="Int64"),
+    })
+    if index == "label":
+        frame = frame.set_index("label")
+    url = str(tmp_path / "m.parquet")
+    frame.to_parquet(url, index=index if index != "label" else None, row_group_size=16)
+    manifest = read_manifest(url, check=False)
+    assert isinstance(manifest.source, ParquetFile)
+    ddf = dd.read_parquet(url, split_row_groups=True)
+    assert manifest.columns == [str(c) for c in ddf.columns]
+    for columns in (None, ["path", "score"]):
+        ours = list(manifest._source_partitions(columns))
+        theirs = [p.compute(scheduler="sync").reset_index(drop=True)
+                  for p in (ddf if columns is None else ddf[columns]).to_delayed()]
+        assert len(ours) == len(theirs) == 4
+        for a, b in zip(ours, theirs):
+            pd.testing.assert_frame_equal(a, b)
