@@ -187,36 +187,35 @@ def local_cluster(workers: int | None = None, threads_per_worker: int = 1, **kwa
     kwargs.setdefault("silence_logs", logging.CRITICAL)
     settings = {f"distributed.nanny.pre-spawn-environ.{k}": v for k, v in WORKER_MALLOC_ENV.items()}
     settings.update(WORKER_CONFIG)
-    if _fork_server():
+    if start_fork_server():
         settings["distributed.worker.multiprocessing-method"] = "forkserver"
     with dask.config.set(settings):
         return _start_local(workers, threads_per_worker, **kwargs)
 
 
-def _fork_server() -> bool:
+def start_fork_server() -> bool:
     """Start the fork server local workers are forked from (see :mod:`daskmv.worker_preload`); True if it runs.
 
+    A run calls this before it reads the manifest, so that the server's imports overlap the driver's work.
     It is started once per driver process, with :data:`WORKER_MALLOC_ENV` in its environment (the workers it
     forks inherit its malloc settings), and lives until the driver exits, so later clusters of the same
-    process start their workers at once. Where a fork server was already running (started by other code), it
-    is used as it is.
+    process start their workers at once. A fork server already started by other code is used as it is.
     """
     if "forkserver" not in multiprocessing.get_all_start_methods() or gpu_count():
         return False
     from multiprocessing import forkserver
 
-    if getattr(forkserver._forkserver, "_forkserver_pid", None) is None:
-        forkserver.set_forkserver_preload(["daskmv.worker_preload"])
-        saved = {k: os.environ.get(k) for k in WORKER_MALLOC_ENV}
-        os.environ.update({k: str(v) for k, v in WORKER_MALLOC_ENV.items()})
-        try:
-            forkserver.ensure_running()
-        finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
+    forkserver.set_forkserver_preload(["daskmv.worker_preload"])  # read only when the server starts
+    saved = {k: os.environ.get(k) for k in WORKER_MALLOC_ENV}
+    os.environ.update({k: str(v) for k, v in WORKER_MALLOC_ENV.items()})
+    try:
+        forkserver.ensure_running()  # nothing to do when it runs already
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
     return True
 
 

@@ -35,7 +35,7 @@ import pyarrow as pa
 from distributed import Client
 
 from daskmv.assemble import ManifestWriter, SchemaMismatch
-from daskmv.cluster import connect, worker_summary
+from daskmv.cluster import connect, start_fork_server, worker_summary
 from daskmv.errors import OutputRootError, RunError, SetupFailed, StoreError, TooManyRowErrors, UsageError
 from daskmv.manifest import Manifest, read_manifest
 from daskmv.ops.image import DECODE_SCALES
@@ -179,6 +179,8 @@ def run(
     opts = RunOptions(**options)
     opts.check()
     plan = Plan.parse(pipeline)
+    if client is None and (opts.cluster or "local") == "local":
+        start_fork_server()  # its imports run while this process reads the manifest
     with _system_arrow_pool():
         if plan.staged:
             from daskmv.stages import run_stages
