@@ -69,7 +69,7 @@ def run(
     workers: Optional[int] = typer.Option(None, help="Local worker processes (default: one per core, or per GPU)."),
     partition_rows: Optional[int] = typer.Option(None, help="Rows per task (default: automatic, at most 256)."),
     batch_size: Optional[int] = typer.Option(None, help="Rows per micro-batch inside a task (default 32; a batch "
-                                             "also ends at 8 MB of decoded images, 256 MB on a GPU)."),
+                                             "also ends at 4 MB of decoded images, 256 MB on a GPU)."),
     path_column: Optional[str] = typer.Option(None, help="Column with file paths (default 'path')."),
     id_column: Optional[str] = typer.Option(None, help="Column with row ids (default: 'id', else derived from paths)."),
     config: Optional[Path] = typer.Option(None, help="YAML file of run settings; flags override it."),

@@ -53,9 +53,9 @@ SETUP_ATTEMPTS = 2
 #: A micro-batch ends at ``batch_size`` rows or once its loaded inputs (decoded images, file bytes) reach
 #: this many bytes, and the loaders read one such batch ahead. On CPU, ops gain nothing from large batches,
 #: while every decoded image in flight is worker memory kept for good (the malloc settings of
-#: :data:`daskmv.cluster.WORKER_MALLOC_ENV`): 9 rows of 640x480 photos per batch held a worker at 137 MB,
-#: 32 rows (and two batches ahead) at 215 MB, for the same speed (benchmarks/engine.py).
-BATCH_BYTES = 8 << 20
+#: :data:`daskmv.cluster.WORKER_MALLOC_ENV`): with batches of 5 rows of 640x480 photos a worker of the peer
+#: benchmark ends a run at 67 MB (PSS); with 32 rows and two batches ahead it held 213 MB, for the same CPU time.
+BATCH_BYTES = 4 << 20
 #: The same budget on workers whose ops run on a GPU, which wants full batches (32 rows of 2.7-megapixel
 #: photos): 32 rows of 12-megapixel photos, and every output the ops make of them, would still not fit.
 GPU_BATCH_BYTES = 256 << 20
