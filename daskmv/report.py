@@ -71,11 +71,13 @@ def build_report(root: str, n: int = 16, seed: int = 0, out: str | None = None,
 
     ``storage_options`` open a remote root, as ``daskmv run`` was given them.
     """
-    facts = RunFacts.read(root, storage_options)
-    page = render(facts, n=n, seed=seed)
-    target = out or facts.store.url(REPORT)
+    store = Store(root, storage_options)
+    run = store.read_json(RUN_JSON) or {}
+    page = render_staged(store, run, n=n, seed=seed) if run.get("staged") else render(RunFacts.read(root, storage_options),
+                                                                                   n=n, seed=seed)
+    target = out or store.url(REPORT)
     if out is None:
-        facts.store.write_bytes(REPORT, page.encode())
+        store.write_bytes(REPORT, page.encode())
     else:
         with open(out, "w", encoding="utf-8") as fh:
             fh.write(page)
@@ -94,6 +96,59 @@ def render(facts: RunFacts, n: int = 16, seed: int = 0) -> str:
             f"<style>{_CSS}</style></head><body><h1>{title}</h1>{''.join(sections)}"
             f"<footer>made {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC from {html.escape(facts.source)}"
             "</footer></body></html>")
+
+
+def render_staged(store: Store, run: dict[str, Any], n: int = 16, seed: int = 0) -> str:
+    """The report of a pipeline with reshape steps: the root's summary and a table of its stages, then each
+    stage that ran ops as its own section (timeline, errors, gallery), read from the stage's folder."""
+    status = store.status()
+    sections = [_staged_summary(store, run, status)]
+    for stage in status["stages"]:
+        stage_root = store.url(stage["folder"])
+        stage_run = Store(stage_root, store.storage_options).read_json(RUN_JSON) or {}
+        if stage["state"] == "pending" or stage_run.get("kind") == "reshape only":
+            continue
+        facts = RunFacts.read(stage_root, store.storage_options)
+        body = _timeline(facts) + _errors(facts) + _gallery(facts, n, seed)
+        body = body.replace(" id='", f" id='stage{stage['index']}-")  # ids stay unique on the page
+        sections.append(f"<section class='stage' id='stage-{stage['index']}'><h2>Stage {stage['index']}: "
+                        f"{html.escape(stage['name'])}</h2><p class='small'>{html.escape(stage['folder'])}</p>"
+                        f"{body}</section>")
+    title = f"daskmv report: {html.escape(store.root)}"
+    return (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{title}</title>"
+            f"<style>{_CSS}</style></head><body><h1>{title}</h1>{''.join(sections)}"
+            f"<footer>made {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC from the stages' folders"
+            "</footer></body></html>")
+
+
+def _staged_summary(store: Store, run: dict[str, Any], status: dict[str, Any]) -> str:
+    recorded = {r["index"]: r for r in run.get("stages", [])}
+    cells = [("state", status["state"], "state"), ("rows (last stage)", f"{status['rows']:,}", "rows-total"),
+             ("ok", f"{status['ok']:,}", "rows-ok"), ("error", f"{status['error']:,}", "rows-error"),
+             ("pending", f"{status['pending']:,}", "rows-pending"),
+             ("wall time", f"{run['seconds']:,.1f} s" if run.get("seconds") else "-", "seconds"),
+             ("output size", _human(_disk_size(store)), "size"),
+             ("manifest", f"{run.get('manifest', {}).get('url', '?')} ({run.get('manifest', {}).get('format', '?')})",
+              "manifest"),
+             ("pipeline", f"{status['pipeline']} ({status['fingerprint']})", "pipeline")]
+    rows = "".join(f"<tr><th>{html.escape(k)}</th><td id='{i}'>{html.escape(str(v))}</td></tr>" for k, v, i in cells)
+    stage_rows = []
+    for stage in status["stages"]:
+        record = recorded.get(stage["index"], {})
+        ops = ", ".join(step.get("op", "?") for step in record.get("ops", [])) or "-"
+        made = (record.get("reshape") or {}).get("reshape", "")
+        stage_rows.append(
+            f"<tr class='stage-row'><td>{stage['index']}</td><td>{html.escape(stage['name'])}</td>"
+            f"<td>{html.escape(made or '-')}</td><td>{html.escape(ops)}</td><td>{html.escape(stage['state'])}</td>"
+            f"<td class='count'>{stage['rows']:,}</td><td class='count'>{stage['ok']:,}</td>"
+            f"<td class='count'>{stage['error']:,}</td><td class='count'>{stage['pending']:,}</td></tr>")
+    steps = yaml.safe_dump(run.get("pipeline", {}).get("steps", []), sort_keys=False)
+    versions = ", ".join(f"{k} {v}" for k, v in run.get("versions", {}).items())
+    return (f"<section id='summary'><h2>Summary</h2><table class='kv'>{rows}</table>"
+            "<h3>Stages</h3><table id='stages'><tr><th>#</th><th>stage</th><th>reshape</th><th>ops</th>"
+            "<th>state</th><th>rows</th><th>ok</th><th>error</th><th>pending</th></tr>"
+            f"{''.join(stage_rows)}</table><h3>Pipeline steps</h3><pre>{html.escape(steps)}</pre>"
+            f"<p class='small'>versions: {html.escape(versions)}</p></section>")
 
 
 # -- summary ---------------------------------------------------------------------------------------

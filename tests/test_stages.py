@@ -123,6 +123,16 @@ def test_group_lists_every_row_in_manifest_order_with_failures(scenes, client, t
     assert frame.loc["a", "usable"] == "4 of 4" and frame.loc["c", "usable"] == "1 of 1"
     refs = [ref for ref in frame.loc["a", "thumb_path"]]
     assert all(ref.startswith("stages/0-") for ref in refs)  # relative to the root
+    # the report of a staged root: a table of stages, then each stage's timeline, errors and gallery
+    from daskmv.report import build_report
+
+    page = Path(build_report(str(tmp_path / "out"), n=4)).read_text()
+    assert page.count("<tr class='stage-row'>") == 2 and "id='stage-0'" in page and "id='stage-1'" in page
+    stage0 = page[page.index("id='stage-0'"):page.index("id='stage-1'")]
+    assert "1 row error(s) in 1 kind(s)" in stage0 and "cannot decode image" in stage0
+    assert stage0.count("<div class='card'>") == 4 and "<img" in stage0  # thumbnails of the first stage
+    assert "id='stage1-no-errors'" in page[page.index("id='stage-1'"):]
+    assert "3 rows, 3 ok, 0 errors" in r._repr_html_()
     assert (frame["status"] == "ok").all()
 
 
