@@ -91,10 +91,14 @@ def render(facts: RunFacts, n: int = 16, seed: int = 0) -> str:
         _errors(facts),
         _gallery(facts, n, seed),
     ]
-    title = f"daskmv report: {html.escape(facts.store.root)}"
+    return _page(facts.store.root, sections, facts.source)
+
+
+def _page(root: str, sections: list[str], source: str) -> str:
+    title = f"daskmv report: {html.escape(root)}"
     return (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{title}</title>"
             f"<style>{_CSS}</style></head><body><h1>{title}</h1>{''.join(sections)}"
-            f"<footer>made {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC from {html.escape(facts.source)}"
+            f"<footer>made {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC from {html.escape(source)}"
             "</footer></body></html>")
 
 
@@ -114,11 +118,7 @@ def render_staged(store: Store, run: dict[str, Any], n: int = 16, seed: int = 0)
         sections.append(f"<section class='stage' id='stage-{stage['index']}'><h2>Stage {stage['index']}: "
                         f"{html.escape(stage['name'])}</h2><p class='small'>{html.escape(stage['folder'])}</p>"
                         f"{body}</section>")
-    title = f"daskmv report: {html.escape(store.root)}"
-    return (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{title}</title>"
-            f"<style>{_CSS}</style></head><body><h1>{title}</h1>{''.join(sections)}"
-            f"<footer>made {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC from the stages' folders"
-            "</footer></body></html>")
+    return _page(store.root, sections, "the stages' folders")
 
 
 def _staged_summary(store: Store, run: dict[str, Any], status: dict[str, Any]) -> str:

@@ -102,6 +102,29 @@ def test_streamed_shard_equals_zarr_encoding(tmp_path, shape):
         assert np.array_equal(read_array_row(url, i), np.zeros(shape, np.uint8) if v is None else v)
 
 
+def test_a_streamed_shard_hands_its_bytes_to_the_disk_as_it_goes(tmp_path, monkeypatch):
+    """Writeback starts every WRITEBACK_BYTES, in order and without gaps, so the commit's fsync finds little
+    left to write; the file is still Zarr's own encoding."""
+    from daskmv import arrays
+
+    ranges = []
+
+    def spy(fh, offset, nbytes):
+        ranges.append((offset, nbytes))
+        real(fh, offset, nbytes)
+
+    real = arrays.start_writeback
+    monkeypatch.setattr(arrays, "start_writeback", spy)
+    rng = np.random.default_rng(2)
+    values = [(rng.random((600, 600, 3)) * 200).astype(np.uint8) for _ in range(23)]
+    url = _stream(tmp_path, values)
+    assert len(ranges) >= 23 * 600 * 600 * 3 // arrays.WRITEBACK_BYTES - 1
+    assert [offset for offset, _ in ranges] == [sum(n for _, n in ranges[:k]) for k in range(len(ranges))]
+    assert all(n >= arrays.WRITEBACK_BYTES for _, n in ranges)
+    write_stacked(str(tmp_path / "slow"), values, None, None, fs=None)
+    assert shard_file(Path(url)).read_bytes() == shard_file(tmp_path / "slow").read_bytes()
+
+
 def test_stream_drops_rows_and_switches_to_ragged(tmp_path):
     from daskmv.arrays import PartitionArray, Sink, write_partition_array
 
