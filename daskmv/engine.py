@@ -418,11 +418,11 @@ class _Runner:
                 batch_size=self.opts.batch_size, decode_threads=self.opts.decode_threads,
                 decode_scale=self.opts.decode_scale,
                 storage_options=self.opts.storage_options, export=self.opts.export,
-                inputs_hash=inputs_hash(rows),
             )
+            task.inputs_hash = inputs_hash(task.rows)
             if done and marker.inputs_hash != task.inputs_hash:
                 # Same work, but a column the pipeline does not read changed: carry the new values.
-                marker = refresh_inputs(self.store, marker, rows, self.pipeline.outputs, self.opts.export,
+                marker = refresh_inputs(self.store, marker, task.rows, self.pipeline.outputs, self.opts.export,
                                         task.inputs_hash)
             if done and self.opts.retry_errors and marker.errors:
                 task.retry_ids = self._error_ids(marker)

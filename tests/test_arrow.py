@@ -53,3 +53,17 @@ def test_a_worker_runs_a_partition_without_importing_pandas(dataset, tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["20", "20", "False"]
+
+
+def test_a_task_carries_only_its_own_rows():
+    """A partition cut from a large row group (pandas' Arrow-backed columns are slices of it) pickled the
+    whole row group into every task: 48 MB per task of a 435,000-row stage."""
+    import pandas as pd
+
+    from daskmv.partition import PartitionTask
+
+    big = pa.table({"id": [f"row-{i:07d}" for i in range(200_000)], "path": [f"/d/{i}.jpg" for i in range(200_000)]})
+    frame = big.to_pandas(types_mapper={pa.string(): pd.StringDtype("pyarrow")}.get).iloc[1000:1100]
+    task = PartitionTask(index=0, rows=frame, rows_hash="h", fingerprint="f", steps=[], root="/tmp/x", base="/tmp")
+    assert task.rows.num_rows == 100 and task.rows.column("id").to_pylist() == frame["id"].tolist()
+    assert len(pickle.dumps(task)) < 20_000  # the slice alone; the parent row group is 5 MB
