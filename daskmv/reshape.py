@@ -231,7 +231,8 @@ MODES = ("exhaustive", "sequential", "column")
 class Pairs(Reshape):
     name = "pairs"
     help = ("Rows become pairs within each group: exhaustive (all), sequential (each row and the next `window`), "
-            "or column (each row and the ids listed in `column`); columns get _a/_b suffixes, id <id_a>|<id_b>.")
+            "or column (each row and the ids listed in `column`); columns get _a/_b suffixes, id <id_a>|<id_b>; "
+            "a row in no pair keeps one error row, id <id>|.")
     params = {
         "by": Param(None, "the group column (none: all rows are one group)", types=(str, type(None))),
         "mode": Param("exhaustive", "how pairs are chosen", MODES),
@@ -254,8 +255,10 @@ class Pairs(Reshape):
     def apply(self, table: pa.Table) -> pa.Table:
         a, b = self.pair_indices(table)
         by = self.config["by"]
-        left, right = table.take(pa.array(a)), table.take(pa.array(b))
-        ids = pc.binary_join_element_wise(left.column("id"), right.column("id"), "|")
+        left = table.take(pa.array(a))
+        right = table.take(pa.array(b, mask=b < 0))  # -1: a row in no pair, its _b side null
+        ids = pc.binary_join_element_wise(left.column("id"), right.column("id"), "|",
+                                          null_handling="replace", null_replacement="")
         columns: dict[str, Any] = {"id": ids}
         if by:
             columns[by] = left.column(by)
@@ -264,11 +267,12 @@ class Pairs(Reshape):
                 continue
             columns[f"{name}_a"] = left.column(name)
             columns[f"{name}_b"] = right.column(name)
-        columns[UPSTREAM_ERROR] = _either_failed(left, right)
+        columns[UPSTREAM_ERROR] = self._pair_errors(left, right)
         return pa.table(columns)
 
     def pair_indices(self, table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
-        """Row numbers (a, b) of every pair, group by group in order of first appearance, a before b."""
+        """Row numbers (a, b) of every pair, group by group in order of first appearance, a before b; then,
+        in its group, each row that is in no pair as (row, -1), so that it stays visible downstream."""
         by, mode = self.config["by"], self.config["mode"]
         n = table.num_rows
         if by:
@@ -282,11 +286,20 @@ class Pairs(Reshape):
         parts_a, parts_b = [], []
         for members in np.split(order, bounds) if n else []:
             i, j = self._within(members, candidates)
-            parts_a.append(members[i])
-            parts_b.append(members[j])
+            lone = np.setdiff1d(np.arange(len(members)), np.concatenate([i, j]))
+            parts_a += [members[i], members[lone]]
+            parts_b += [members[j], np.full(len(lone), -1, dtype=np.int64)]
         if not parts_a:
             return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
-        return np.concatenate(parts_a), np.concatenate(parts_b)
+        return np.concatenate(parts_a).astype(np.int64), np.concatenate(parts_b).astype(np.int64)
+
+    def _pair_errors(self, left: pa.Table, right: pa.Table) -> pa.ChunkedArray:
+        """Which side failed upstream and why; for a row in no pair, why it has none."""
+        why = ("none of its candidates is in its group" if self.config["mode"] == "column"
+               else "no other row of its group to pair with")
+        lone = pc.binary_join_element_wise(left.column("id"), pa.scalar(f": in no pair ({why})"), "")
+        failed = _either_failed(left, right)
+        return pc.if_else(pc.is_null(right.column("id")), pc.coalesce(failed, lone), failed)
 
     def _within(self, members: np.ndarray, candidates: list[set[str]] | None) -> tuple[np.ndarray, np.ndarray]:
         k = len(members)

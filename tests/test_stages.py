@@ -15,6 +15,7 @@ import cv2
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pytest
 
 import daskmv
@@ -60,26 +61,43 @@ def test_pairs_exhaustive_and_sequential_counts_and_stable_ids(scenes):
     table = pa.Table.from_pandas(frame, preserve_index=False)
     exhaustive = Pairs(by="scene").run(table)
     per_scene = exhaustive.to_pandas().groupby("scene").size().to_dict()
-    assert per_scene == {"a": 6, "b": 15} and exhaustive.num_rows == 21  # and none for the 1-image scene
+    assert per_scene == {"a": 6, "b": 15, "c": 1} and exhaustive.num_rows == 22
     order = {i: k for k, i in enumerate(frame["id"])}
-    for pair_id, a, b in zip(*(exhaustive.column(c).to_pylist() for c in ("id", "id_a", "id_b"))):
+    pairs = exhaustive.filter(pc.is_valid(exhaustive.column("id_b")))
+    assert pairs.num_rows == 21 and pc.all(pc.is_null(pairs.column("upstream_error"))).as_py()
+    for pair_id, a, b in zip(*(pairs.column(c).to_pylist() for c in ("id", "id_a", "id_b"))):
         assert pair_id == f"{a}|{b}" and order[a] < order[b]  # a before b in manifest order
+    # the 1-image scene has no pair, but its image does not disappear: one error row says why
+    (lone,) = exhaustive.filter(pc.is_null(exhaustive.column("id_b"))).to_pylist()
+    c0 = frame.loc[frame["scene"] == "c", "id"].item()
+    assert lone["id"] == f"{c0}|" and lone["id_a"] == c0 and lone["path_a"] == "img/c0.png" and lone["path_b"] is None
+    assert lone["upstream_error"] == f"{c0}: in no pair (no other row of its group to pair with)"
     assert Pairs(by="scene").run(table).column("id").to_pylist() == exhaustive.column("id").to_pylist()
     sequential = Pairs(by="scene", mode="sequential", window=2).run(table)
-    assert sequential.num_rows == (3 + 2) + (5 + 4) + 0
+    assert sequential.num_rows == (3 + 2) + (5 + 4) + 1
     b = frame[frame["scene"] == "b"]["id"].tolist()
     got = [tuple(p.split("|")) for p in sequential.column("id").to_pylist() if p.startswith("b")]
     assert got == [(b[i], b[j]) for i in range(6) for j in (i + 1, i + 2) if j < 6]
     candidates = table.append_column("near", pa.array([[i] for i in frame["id"].iloc[::-1]]))
     chosen = Pairs(by="scene", mode="column", column="near").run(candidates)
-    assert set(chosen.column("id").to_pylist()) <= set(exhaustive.column("id").to_pylist())
+    real = chosen.filter(pc.is_valid(chosen.column("id_b")))
+    assert real.num_rows and set(real.column("id").to_pylist()) <= set(exhaustive.column("id").to_pylist())
+    lone = chosen.filter(pc.is_null(chosen.column("id_b")))
+    assert all(e.endswith("in no pair (none of its candidates is in its group)")
+               for e in lone.column("upstream_error").to_pylist())
+    seen = set(chosen.column("id_a").to_pylist()) | set(real.column("id_b").to_pylist())
+    assert seen == set(frame["id"])  # every image is in a pair or in its own error row
 
 
 def test_a_pair_op_reads_both_images_and_an_earlier_stages_arrays(scenes, client, tmp_path, run_opts):
     spec = ["testops:Thumb", {"pairs": {"by": "scene"}}, "testops:PairDiff"]
     r = daskmv.run(str(scenes / "scenes.csv"), spec, str(tmp_path / "out"), client=client, **run_opts)
     frame = r.manifest()
-    assert len(frame) == 21 and len(r.stages) == 2
+    assert len(frame) == 22 and len(r.stages) == 2
+    lone = frame["path_b"].isna()
+    assert lone.sum() == 1 and frame.loc[lone, "status"].item() == "error"
+    assert frame.loc[lone, "error"].item().startswith("upstream: c0-") and "in no pair" in frame.loc[lone, "error"].item()
+    frame = frame[~lone]
     bad = frame["id"].str.contains("b3-")
     assert (frame.loc[bad, "status"] == "error").all() and bad.sum() == 5
     assert frame.loc[bad, "error"].str.startswith("upstream: b3-").all()
@@ -100,8 +118,21 @@ def test_a_pair_op_reads_both_images_and_an_earlier_stages_arrays(scenes, client
     stage = Path(r.stages[1].out)
     parts = [pd.read_parquet(stage / "parts" / json.loads(m.read_text())["part"])
              for m in sorted((stage / "parts").glob("p??????.json"))]
-    assert all(part["scene"].nunique() == 1 or len(part) >= 1 for part in parts)
-    assert sorted(s for part in parts for s in part["scene"].unique()) == ["a", "b"]
+    assert sorted(s for part in parts for s in part["scene"].unique()) == ["a", "b", "c"]
+
+
+def test_a_scene_with_a_single_image_survives_pairs_then_group(scenes, client, tmp_path, run_opts):
+    """features -> pairs -> match -> group is the SfM shape: a scene with one image has no pair, yet its
+    scene row must still be there, saying why nothing in it is usable."""
+    spec = ["testops:Thumb", {"pairs": {"by": "scene"}}, "testops:PairDiff", {"group": {"by": "scene"}}]
+    r = daskmv.run(str(scenes / "scenes.csv"), spec, str(tmp_path / "out"), client=client, **run_opts)
+    frame = r.manifest().set_index("id")
+    assert list(frame.index) == ["a", "b", "c"]
+    assert frame.loc["a", "n"] == 6 and frame.loc["a", "n_ok"] == 6 and frame.loc["b", "n"] == 15
+    assert frame.loc["b", "n_ok"] == 10  # the 5 pairs of the unreadable image are listed as failed
+    assert frame.loc["c", "n"] == 1 and frame.loc["c", "n_ok"] == 0
+    (why,) = frame.loc["c", "errors"]
+    assert "in no pair (no other row of its group to pair with)" in why
 
 
 def test_group_lists_every_row_in_manifest_order_with_failures(scenes, client, tmp_path, run_opts):
