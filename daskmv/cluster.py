@@ -189,6 +189,10 @@ def local_cluster(workers: int | None = None, threads_per_worker: int = 1, **kwa
     settings.update(WORKER_CONFIG)
     if start_fork_server():
         settings["distributed.worker.multiprocessing-method"] = "forkserver"
+        # A forked worker inherits the fork server's environment, as it was when the server started: give it
+        # this process's environment as it is now (a notebook that sets DASKMV_MODEL_DIR after a first run).
+        # Variables removed since then stay removed only from this process.
+        kwargs.setdefault("env", {k: v for k, v in os.environ.items() if k not in WORKER_MALLOC_ENV})
     with dask.config.set(settings):
         return _start_local(workers, threads_per_worker, **kwargs)
 

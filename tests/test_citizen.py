@@ -67,6 +67,27 @@ def test_worker_processes_decode_with_one_opencv_thread_each(dataset, client, tm
     assert set(client.run(cv2.getNumThreads).values()) == {1}
 
 
+def test_workers_see_the_environment_of_the_driver_as_it_is_at_each_run(tmp_path):
+    """Workers are forked from a fork server started by the first run; a variable the notebook sets after
+    that (DASKMV_MODEL_DIR, a token) must still reach the next run's workers."""
+    proc = fresh_python(f"""
+        import json, os, sys
+        sys.path.insert(0, {str(REPO / 'tests')!r})
+        import pandas as pd
+        import daskmv
+        pd.DataFrame({{"id": ["a", "b"]}}).to_csv({str(tmp_path / 'm.csv')!r}, index=False)
+        def value(out):
+            r = daskmv.run({str(tmp_path / 'm.csv')!r}, ["testops:EnvValue"], out, workers=1, progress="none")
+            return r.manifest()["env_value"].tolist()
+        before = value({str(tmp_path / 'o1')!r})
+        os.environ["DASKMV_TEST_VARIABLE"] = "set-in-the-notebook"
+        after = value({str(tmp_path / 'o2')!r})
+        print(json.dumps({{"before": before, "after": after}}))
+    """, env={"DASKMV_TEST_VARIABLE": ""})
+    got = result(proc)
+    assert got["before"] in ([None, None], ["", ""]) and got["after"] == ["set-in-the-notebook"] * 2
+
+
 # -- matplotlib ----------------------------------------------------------------------------------------
 def test_a_report_leaves_the_users_matplotlib_backend_and_pyplot_alone(dataset, client, tmp_path):
     out = tmp_path / "out"

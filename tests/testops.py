@@ -383,3 +383,15 @@ class Nap(Op):
     def process(self, rows):
         time.sleep(self.config["seconds"] * len(rows))
         return [{"napped": self.config["seconds"]} for _ in rows]
+
+
+class EnvValue(Op):
+    """The value of an environment variable in the worker (None: unset)."""
+
+    name = "testops:EnvValue"
+    inputs = ("id",)
+    outputs = (Output("env_value", "column", "str"),)
+    params = {"variable": Param("DASKMV_TEST_VARIABLE", "the variable's name")}
+
+    def process(self, rows):
+        return [{"env_value": os.environ.get(self.config["variable"])} for _ in rows]
