@@ -331,7 +331,6 @@ class RaggedStream:
         self.fh.close()
 
 
-#: One background writer per process: chunk writes of every stream, in submission order.
 #: A streamed shard asks the kernel to start writing its data to disk every this many bytes, so that the
 #: fsync before the partition's commit finds little left to write (:func:`start_writeback`). On the engine
 #: benchmark (3 GB of arrays, 2 workers) the fsyncs cost 23 % of a warm run without it, 8 % at 8 MB, 2 % here.
@@ -365,6 +364,7 @@ def _sync_file_range() -> Any:
 
 
 _SYNC_FILE_RANGE = _sync_file_range()
+#: One background writer per process: chunk writes of every stream, in submission order.
 _WRITER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="daskmv-write")
 
 

@@ -108,11 +108,9 @@ def render_staged(store: Store, run: dict[str, Any], n: int = 16, seed: int = 0)
     status = store.status()
     sections = [_staged_summary(store, run, status)]
     for stage in status["stages"]:
-        stage_root = store.url(stage["folder"])
-        stage_run = Store(stage_root, store.storage_options).read_json(RUN_JSON) or {}
-        if stage["state"] == "pending" or stage_run.get("kind") == "reshape only":
+        if stage["state"] == "pending" or stage["pipeline"] == "(reshape)":  # nothing ran: no timeline
             continue
-        facts = RunFacts.read(stage_root, store.storage_options)
+        facts = RunFacts.read(store.url(stage["folder"]), store.storage_options)
         body = _timeline(facts) + _errors(facts) + _gallery(facts, n, seed)
         body = body.replace(" id='", f" id='stage{stage['index']}-")  # ids stay unique on the page
         sections.append(f"<section class='stage' id='stage-{stage['index']}'><h2>Stage {stage['index']}: "

@@ -291,7 +291,7 @@ class Pairs(Reshape):
             parts_b += [members[j], np.full(len(lone), -1, dtype=np.int64)]
         if not parts_a:
             return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
-        return np.concatenate(parts_a).astype(np.int64), np.concatenate(parts_b).astype(np.int64)
+        return np.concatenate(parts_a), np.concatenate(parts_b)
 
     def _pair_errors(self, left: pa.Table, right: pa.Table) -> pa.ChunkedArray:
         """Which side failed upstream and why; for a row in no pair, why it has none."""
