@@ -17,7 +17,7 @@ import pyarrow as pa
 
 
 def array(values: Sequence[Any] | np.ndarray, type: pa.DataType) -> pa.Array:
-    """``pa.array(values, type)`` for string, boolean, integer and floating-point ``type``s.
+    """``pa.array(values, type)`` for string, boolean, integer and floating-point ``type``s, and lists of numbers.
 
     None is null; NaN stays a NaN value in floating-point arrays, as with ``pa.array`` of a list.
     """
@@ -44,4 +44,12 @@ def array(values: Sequence[Any] | np.ndarray, type: pa.DataType) -> pa.Array:
             values = [v if v is not None else 0 for v in values]
         data = np.ascontiguousarray(values, dtype=dtype)
         return pa.Array.from_buffers(type, n, [validity, pa.py_buffer(data)], nulls)
+    if pa.types.is_list(type) and (pa.types.is_integer(type.value_type) or pa.types.is_floating(type.value_type)):
+        dtype = np.dtype(type.value_type.to_pandas_dtype())
+        parts = [np.asarray(v, dtype=dtype).ravel() if v is not None else np.zeros(0, dtype) for v in values]
+        offsets = np.zeros(n + 1, dtype=np.int32)
+        np.cumsum([len(p) for p in parts], out=offsets[1:])
+        flat = np.concatenate(parts) if parts else np.zeros(0, dtype)
+        child = pa.Array.from_buffers(type.value_type, len(flat), [None, pa.py_buffer(flat)])
+        return pa.Array.from_buffers(type, n, [validity, pa.py_buffer(offsets)], nulls, children=[child])
     raise TypeError(f"no Arrow array of type {type} from Python values here")

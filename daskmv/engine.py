@@ -310,18 +310,20 @@ def expected_threads(client: Client, present: int, jobs: int | None) -> int:
     return max(present, jobs * per_job)
 
 
-def auto_partition_rows(n_rows: int, threads: int, reads_files: bool = True, row_bytes: int = 0) -> int:
+def auto_partition_rows(n_rows: int, threads: int, reads_files: bool = True, row_bytes: int = 0,
+                        floor: int | None = None) -> int:
     """Partition size: about 8 partitions per worker thread, within a memory budget and a row cap.
 
     A partition's array outputs are held in memory until written, so partitions stay under
     :data:`PARTITION_BYTES` of estimated output; pipelines that read files are capped at
     :data:`MAX_PARTITION_ROWS` rows (resume granularity, load balance), column-only ones at
     :data:`MAX_COLUMN_PARTITION_ROWS`. Fewer, larger partitions cost the driver less (about 8 ms each).
+    Pipelines of slow ops lower the floor (``Op.min_partition_rows``) so that a few rows still spread.
     """
     target = -(-n_rows // max(1, 8 * threads))
     cap = MAX_PARTITION_ROWS if reads_files else MAX_COLUMN_PARTITION_ROWS
     by_memory = PARTITION_BYTES // max(1, row_bytes)
-    return max(MIN_PARTITION_ROWS, min(cap, target, by_memory))
+    return max(floor or MIN_PARTITION_ROWS, min(cap, target, by_memory))
 
 
 def versions() -> dict[str, str]:
@@ -372,7 +374,8 @@ class _Runner:
             threads = expected_threads(self.client, workers["threads"], self.opts.workers)
             partition_rows = auto_partition_rows(self.manifest.n_rows or 0, threads,
                                                  reads_files=bool(self.pipeline.loader_inputs),
-                                                 row_bytes=self.pipeline.row_bytes)
+                                                 row_bytes=self.pipeline.row_bytes,
+                                                 floor=self.pipeline.min_partition_rows)
         binding = {**binding, "partition_rows": partition_rows}
         self.n_partitions = self.manifest.partition_count(partition_rows)
         self.hashes = self.manifest.partition_hashes(partition_rows)

@@ -558,7 +558,13 @@ def _load_ahead(records: list[Row], wanted: frozenset[str], task: PartitionTask,
 def _loaded_bytes(loaded: Row | BaseException) -> int:
     if isinstance(loaded, BaseException):
         return 0
-    return sum(getattr(v, "nbytes", None) or (len(v) if isinstance(v, bytes) else 0) for v in loaded.values())
+    return sum(_nbytes(v) for v in loaded.values())
+
+
+def _nbytes(value: Any) -> int:
+    if isinstance(value, list):  # a group row's list input (the same array named twice counts twice: an upper bound)
+        return sum(_nbytes(v) for v in value)
+    return getattr(value, "nbytes", None) or (len(value) if isinstance(value, bytes) else 0)
 
 
 def _row_url(record: Row, task: PartitionTask, column: str | None = None) -> str:
@@ -593,8 +599,9 @@ def _load_row(record: Row, wanted: frozenset[str], task: PartitionTask) -> tuple
         if upstream is not None:
             raise upstream
         loaded: Row | BaseException = {}
+        arrays: dict[str, Any] = {}  # references read for this row: shared by its list columns
         for column, kinds in _by_column(wanted).items():
-            loaded.update(_load_column(record, column, kinds, task))
+            loaded.update(_load_column(record, column, kinds, task, arrays))
     except Exception as exc:
         if is_infrastructure_error(exc):
             raise  # a network filesystem timing out, an unmounted volume: retry the partition, not the row
@@ -612,22 +619,57 @@ def _by_column(wanted: frozenset[str]) -> dict[str | None, frozenset[str]]:
     return {column: frozenset(kinds) for column, kinds in groups.items()}
 
 
-def _load_column(record: Row, column: str | None, kinds: frozenset[str], task: PartitionTask) -> Row:
+def _load_column(record: Row, column: str | None, kinds: frozenset[str], task: PartitionTask,
+                 arrays: dict[str, Any] | None = None) -> Row:
     if column is None:
         url = _row_url(record, task)
         if not url:
             raise RowError("no file path in this row")
         return load_inputs(url, kinds, task.decode_scale)
     value = record.get(column)
+    if isinstance(value, (list, tuple, np.ndarray)):  # a group row: one value per member, None where missing
+        return _load_list(list(value), column, kinds, task, {} if arrays is None else arrays)
     if value is None or not isinstance(value, str) or not value:
         raise RowError(f"no value in column {column!r}")
+    return _load_value(value, column, kinds, task)
+
+
+def _load_value(value: str, column: str, kinds: frozenset[str], task: PartitionTask,
+                arrays: dict[str, Any] | None = None) -> Row:
     out: Row = {}
     if "array" in kinds:
-        out[f"array:{column}"] = _read_reference(value, task)
+        if arrays is not None and value in arrays:
+            out[f"array:{column}"] = arrays[value]
+        else:
+            out[f"array:{column}"] = _read_reference(value, task)
+            if arrays is not None:
+                arrays[value] = out[f"array:{column}"]
     files = kinds - {"array"}
     if files:
         got = load_inputs(resolve_path(value, task.base), files, task.decode_scale)
         out.update({f"{kind}:{column}": got[kind] for kind in files})
+    return out
+
+
+def _load_list(values: list[Any], column: str, kinds: frozenset[str], task: PartitionTask,
+               arrays: dict[str, Any]) -> Row:
+    """A list column's inputs as lists, in order: None for an empty member, the same object for a reference
+    that occurs twice (a group of pairs names each image's features once per pair)."""
+    seen: dict[str, Any] = {}
+    out: dict[str, list[Any]] = {f"{kind}:{column}": [] for kind in kinds}
+    for value in values:
+        if value is None or not isinstance(value, str) or not value:
+            for key in out:
+                out[key].append(None)
+            continue
+        if "array" not in kinds and value in seen:
+            got = seen[value]
+        else:
+            got = _load_value(value, column, kinds, task, arrays)
+            if "array" not in kinds:
+                seen[value] = got
+        for key in out:
+            out[key].append(got[key])
     return out
 
 
@@ -733,6 +775,8 @@ def _coerce(spec: Output, value: Any) -> Any:
         value = value.item()
     if spec.dtype == "json":
         return json.dumps(value, sort_keys=True, default=str)
+    if spec.dtype.endswith("[]"):  # a short vector (an embedding) as an Arrow list column
+        return np.asarray(value, dtype=np.dtype(spec.dtype[:-2])).ravel()
     if spec.dtype.startswith("int"):
         return int(value)
     if spec.dtype.startswith("float"):
@@ -755,6 +799,8 @@ def _format_error(op: str, exc: BaseException) -> str:
 def _arrow_type(spec: Output) -> pa.DataType:
     if spec.dtype in ("json", "string", "str", "path") or spec.kind == "artifact":
         return pa.string()
+    if spec.dtype.endswith("[]"):
+        return pa.list_(pa.from_numpy_dtype(np.dtype(spec.dtype[:-2])))
     return pa.from_numpy_dtype(np.dtype(spec.dtype))
 
 

@@ -100,6 +100,12 @@ class Pipeline:
         return [out.column for out in self.outputs]
 
     @property
+    def min_partition_rows(self) -> int | None:
+        """The lowest floor the ops put under a partition's rows (None: the engine's)."""
+        floors = [op.min_partition_rows for op in self.ops if op.min_partition_rows]
+        return min(floors) if floors else None
+
+    @property
     def loader_inputs(self) -> frozenset[str]:
         """What the loader must make from each row's file (empty: no file is read)."""
         produced = {out.name for out in self.outputs}

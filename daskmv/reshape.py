@@ -117,13 +117,17 @@ def _need(step: str, columns: list[str], *names: str | None) -> None:
 class Group(Reshape):
     name = "group"
     help = "Rows sharing a key become one row whose other columns are lists (ids, paths, ..., in manifest order)."
-    params = {"by": Param("scene", "the key column")}
+    params = {"by": Param("scene", "the key column"),
+              "default_group": Param(None, "when the rows have no `by` column, they are all this one group "
+                                     "(none: a missing column is an error)", types=(str, type(None)))}
 
     def check(self, columns: list[str]) -> None:
-        _need(self.name, columns, self.config["by"])
+        if self.config["default_group"] is None:
+            _need(self.name, columns, self.config["by"])
 
     def apply(self, table: pa.Table) -> pa.Table:
         by = self.config["by"]
+        table = _with_default_group(table, by, self.config["default_group"])
         key = pc.fill_null(table.column(by).cast(pa.string()), "")
         order = np.arange(table.num_rows)
         work = table.drop_columns([by]).append_column("_key", key).append_column("_order", pa.array(order))
@@ -224,35 +228,45 @@ def _parse_json_lists(texts: pa.Array, column: str) -> pa.Array:
     return pa.array(values)
 
 
-MODES = ("exhaustive", "sequential", "column")
+MODES = ("exhaustive", "sequential", "retrieval", "auto", "column")
+#: Modes whose ``column`` is an embedding (consumed by the step: pair rows do not carry it).
+EMBEDDING_MODES = ("sequential", "retrieval", "auto")
 
 
 @register_reshape
 class Pairs(Reshape):
     name = "pairs"
-    help = ("Rows become pairs within each group: exhaustive (all), sequential (each row and the next `window`), "
-            "or column (each row and the ids listed in `column`); columns get _a/_b suffixes, id <id_a>|<id_b>; "
-            "a row in no pair keeps one error row, id <id>|.")
+    help = ("Rows become pairs within each group: exhaustive (all), sequential (each row and the next `window`, "
+            "plus its `k` nearest by the embedding in `column` when given: loop closures), retrieval (each row and "
+            "its `k` nearest by the embedding in `column`), or column (each row and the ids listed in `column`); "
+            "columns get _a/_b suffixes, id <id_a>|<id_b>; a row in no pair keeps one error row, id <id>|.")
     params = {
         "by": Param(None, "the group column (none: all rows are one group)", types=(str, type(None))),
+        "default_group": Param(None, "when the manifest has no `by` column, every row is in this group "
+                               "(none: a missing column is an error)", types=(str, type(None))),
         "mode": Param("exhaustive", "how pairs are chosen", MODES),
         "window": Param(1, "sequential: how many following rows each row pairs with"),
-        "column": Param(None, "column mode: the column listing each row's candidate ids", types=(str, type(None))),
+        "k": Param(20, "retrieval (and sequential with a column): nearest neighbours per row"),
+        "exhaustive_up_to": Param(40, "auto: exhaustive for groups of up to this many rows, retrieval above"),
+        "column": Param(None, "retrieval/sequential: the embedding column (lists of numbers); column mode: the "
+                        "column listing each row's candidate ids", types=(str, type(None))),
     }
 
     def check_params(self) -> None:
         if self.config["window"] < 1:
             raise PipelineError(f"step 'pairs': window must be at least 1, not {self.config['window']}")
-        if self.config["mode"] == "column" and not self.config["column"]:
-            raise PipelineError("step 'pairs': mode 'column' needs column=<list of candidate ids>")
+        if self.config["k"] < 1:
+            raise PipelineError(f"step 'pairs': k must be at least 1, not {self.config['k']}")
+        if self.config["mode"] in ("column", "retrieval", "auto") and not self.config["column"]:
+            what = "the embedding column" if self.config["mode"] != "column" else "the list of candidate ids"
+            raise PipelineError(f"step 'pairs': mode {self.config['mode']!r} needs column=<{what}>")
 
     def check(self, columns: list[str]) -> None:
-        _need(self.name, columns, self.config["by"], self.config["column"] if self.config["mode"] == "column" else None)
-
-    def partition_key(self) -> str | None:
-        return self.config["by"]
+        by = None if self.config["default_group"] is not None else self.config["by"]
+        _need(self.name, columns, by, self.config["column"] if self.config["mode"] != "exhaustive" else None)
 
     def apply(self, table: pa.Table) -> pa.Table:
+        table = _with_default_group(table, self.config["by"], self.config["default_group"])
         a, b = self.pair_indices(table)
         by = self.config["by"]
         left = table.take(pa.array(a))
@@ -262,8 +276,9 @@ class Pairs(Reshape):
         columns: dict[str, Any] = {"id": ids}
         if by:
             columns[by] = left.column(by)
+        consumed = self.config["column"] if self.config["mode"] in EMBEDDING_MODES else None
         for name in table.column_names:
-            if name in (by, UPSTREAM_ERROR):
+            if name in (by, UPSTREAM_ERROR, consumed):
                 continue
             columns[f"{name}_a"] = left.column(name)
             columns[f"{name}_b"] = right.column(name)
@@ -283,9 +298,12 @@ class Pairs(Reshape):
         order = np.argsort(group, kind="stable")  # rows of each group, in manifest order
         bounds = np.flatnonzero(np.diff(group[order])) + 1
         candidates = self._candidates(table) if mode == "column" else None
+        embeddings = self._embeddings(table) if mode in EMBEDDING_MODES and self.config["column"] else None
         parts_a, parts_b = [], []
         for members in np.split(order, bounds) if n else []:
             i, j = self._within(members, candidates)
+            if embeddings is not None and (mode != "auto" or len(members) > self.config["exhaustive_up_to"]):
+                i, j = _union_pairs(i, j, *nearest_pairs(embeddings[members], self.config["k"]))
             lone = np.setdiff1d(np.arange(len(members)), np.concatenate([i, j]))
             parts_a += [members[i], members[lone]]
             parts_b += [members[j], np.full(len(lone), -1, dtype=np.int64)]
@@ -304,8 +322,10 @@ class Pairs(Reshape):
     def _within(self, members: np.ndarray, candidates: list[set[str]] | None) -> tuple[np.ndarray, np.ndarray]:
         k = len(members)
         mode = self.config["mode"]
-        if mode == "exhaustive":
+        if mode == "exhaustive" or (mode == "auto" and k <= self.config["exhaustive_up_to"]):
             return np.triu_indices(k, 1)
+        if mode in ("retrieval", "auto"):
+            return np.zeros(0, np.int64), np.zeros(0, np.int64)  # the nearest neighbours are added by the caller
         if mode == "sequential":
             w = min(self.config["window"], max(k - 1, 0))
             i = np.concatenate([np.arange(k - o) for o in range(1, w + 1)]) if w else np.zeros(0, np.int64)
@@ -330,6 +350,61 @@ class Pairs(Reshape):
         if any(v is not None and not isinstance(v, list) for v in lists):
             raise PipelineError(f"step 'pairs': column {self.config['column']!r} must hold lists of ids")
         return [set(v or ()) for v in lists] + [table.column("id").to_pylist()]
+
+
+    def _embeddings(self, table: pa.Table) -> np.ndarray:
+        """Each row's embedding as a row of a float32 matrix (NaN for a row with none)."""
+        column = self.config["column"]
+        values = table.column(column).to_pylist()
+        sizes = {len(v) for v in values if v is not None and isinstance(v, (list, tuple))}
+        if len(sizes) > 1 or any(v is not None and not isinstance(v, (list, tuple)) for v in values):
+            raise PipelineError(f"step 'pairs': column {column!r} must hold embeddings: lists of numbers, all of "
+                                "one length")
+        d = sizes.pop() if sizes else 1
+        out = np.full((len(values), d), np.nan, np.float32)
+        for k, v in enumerate(values):
+            if v is not None:
+                out[k] = v
+        return out
+
+
+def nearest_pairs(embeddings: np.ndarray, k: int, block: int = 2048) -> tuple[np.ndarray, np.ndarray]:
+    """Pairs (i < j) of rows where one is among the other's ``k`` nearest by cosine similarity. Rows with no
+    embedding (NaN) pair with nothing. Memory: ``block`` rows of similarities at a time."""
+    valid = np.flatnonzero(np.isfinite(embeddings).all(axis=1))
+    n = len(valid)
+    if n < 2:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    X = embeddings[valid].astype(np.float32)
+    X /= np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-12)
+    k = min(k, n - 1)
+    found_i, found_j = [], []
+    for s in range(0, n, block):
+        sim = X[s : s + block] @ X.T
+        rows = np.arange(s, min(s + block, n))
+        sim[rows - s, rows] = -np.inf  # never oneself
+        nearest = np.argpartition(-sim, k - 1, axis=1)[:, :k]
+        found_i.append(np.repeat(rows, k))
+        found_j.append(nearest.ravel())
+    i, j = np.concatenate(found_i), np.concatenate(found_j)
+    lo, hi = valid[np.minimum(i, j)], valid[np.maximum(i, j)]
+    return _union_pairs(lo, hi, np.zeros(0, np.int64), np.zeros(0, np.int64))
+
+
+def _union_pairs(i: np.ndarray, j: np.ndarray, i2: np.ndarray, j2: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The distinct pairs of both lists (each with i < j), sorted."""
+    pairs = np.unique(np.stack([np.concatenate([i, i2]), np.concatenate([j, j2])], axis=1).astype(np.int64), axis=0)
+    return pairs[:, 0], pairs[:, 1]
+
+
+def _with_default_group(table: pa.Table, by: str | None, default: str | None) -> pa.Table:
+    """``table`` with a ``by`` column of ``default`` everywhere when it has none (and a default is given)."""
+    if by and default is not None and by not in table.column_names:
+        column = pa.array([default] * table.num_rows, pa.string())
+        if UPSTREAM_ERROR in table.column_names:
+            return table.add_column(table.column_names.index(UPSTREAM_ERROR), by, column)
+        return table.append_column(by, column)
+    return table
 
 
 def _either_failed(left: pa.Table, right: pa.Table) -> pa.ChunkedArray:

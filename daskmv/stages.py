@@ -39,7 +39,7 @@ from daskmv.errors import StoreError, TooManyRowErrors, UsageError
 from daskmv.manifest import Manifest, read_manifest
 from daskmv.pipeline import Plan, Stage
 from daskmv.progress import RunProgress
-from daskmv.reshape import UPSTREAM_ERROR, Explode, Group, Pairs
+from daskmv.reshape import EMBEDDING_MODES, UPSTREAM_ERROR, Explode, Group, Pairs
 from daskmv.store import LAYOUT, MANIFEST, OWNED, RUN_JSON, STAGES, Store, now
 
 if TYPE_CHECKING:
@@ -136,7 +136,8 @@ def _columns_after(reshape: Any, columns: list[str] | None) -> list[str] | None:
         return ["id", by, "ids", "n", "n_ok", *[c for c in rest if c != by], "errors", UPSTREAM_ERROR]
     if isinstance(reshape, Pairs):
         by = reshape.config["by"]
-        sides = [f"{c}_{s}" for c in ["id", *[c for c in rest if c != by]] for s in "ab"]
+        consumed = reshape.config["column"] if reshape.config["mode"] in EMBEDDING_MODES else None
+        sides = [f"{c}_{s}" for c in ["id", *[c for c in rest if c not in (by, consumed)]] for s in "ab"]
         return ["id", *([by] if by else []), *sides, UPSTREAM_ERROR]
     return None
 
@@ -287,6 +288,11 @@ class _Stages:
             table = pq.read_table(fh)
         root = self.store.url() + "/"
         table = _map_refs(table, self.refs, lambda col: _rooted(col, root, f"{last}/"))
+        ops = self.plan.stages[-1].ops
+        if ops:
+            outputs = {spec.column for op in ops for spec in op.output_specs()} | {"status", "error", "seconds"}
+            inputs = ops[-1].published_columns([c for c in table.column_names if c not in outputs])
+            table = table.select([c for c in table.column_names if c in outputs or c in inputs])
         writer = ManifestWriter(self.store, csv=self.source.format == "csv")
         try:
             writer.add(table)

@@ -5,3 +5,5 @@ from daskmv.ops.registry import REGISTRY, get_op_class, register_op
 from daskmv.ops import core, degrade, relight, retinex, segment, torch_model  # noqa: F401  (registration)
 
 __all__ = ["LOADER_INPUTS", "Op", "Output", "Param", "Row", "REGISTRY", "get_op_class", "register_op"]
+
+from daskmv import sfm  # noqa: E402,F401  (registers the structure-from-motion ops and the sfm pipeline)

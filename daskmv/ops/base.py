@@ -125,8 +125,9 @@ class Output:
     """A declared output. ``array`` outputs go to Zarr; ``column`` outputs become manifest columns;
     ``artifact`` outputs are folders (or files) of the op's own making, such as a COLMAP model or a PLY.
 
-    ``dtype`` is a NumPy dtype name, or for columns also ``string`` or ``json`` (any JSON-able value,
-    stored as text); artifacts use ``path``. ``compression`` (arrays only: ``zstd``, ``lz4`` or None) suits
+    ``dtype`` is a NumPy dtype name, or for columns also ``string``, ``json`` (any JSON-able value,
+    stored as text) or a short vector of numbers such as ``float32[]`` (an Arrow list column: embeddings a
+    later reshape reads); artifacts use ``path``. ``compression`` (arrays only: ``zstd``, ``lz4`` or None) suits
     outputs that compress well, such as masks; images and embeddings barely compress and are stored raw by
     default. ``export_as`` names the file ``--export png`` writes (``<id>_<export_as>.png``; default the name).
 
@@ -159,6 +160,10 @@ class Op:
     version: ClassVar[str] = "1"
     requires: ClassVar[tuple[str, ...]] = ()
     help: ClassVar[str] = ""
+    #: The fewest rows a partition may hold (None: the engine's floor, 16). Ops that take a good part of a
+    #: second or more per row (SIFT on photos, a reconstruction per scene) lower it, so that a small manifest
+    #: still spreads over every worker.
+    min_partition_rows: ClassVar[int | None] = None
 
     def __init__(self, **params: Any) -> None:
         missing = [pkg for pkg in self.requires if importlib.util.find_spec(pkg) is None]
@@ -202,6 +207,13 @@ class Op:
         The default guesses 64 KB per array output; ops whose outputs have a known size say so.
         """
         return sum(64 << 10 for out in self.output_specs() if out.kind == "array")
+
+    def published_columns(self, columns: list[str]) -> list[str]:
+        """The input columns a staged pipeline's top-level manifest keeps when this op ends it (default: all).
+
+        An op on group rows whose inputs are long per-member lists (a scene's pairs) keeps only what
+        describes the group; the lists stay in the stage's own manifest."""
+        return columns
 
     def setup(self, device: str) -> None:
         """Load models and other per-process state. Called once per worker process before use."""

@@ -1,0 +1,216 @@
+"""``features``: local features per image (SIFT through pycolmap or OpenCV, or a learned extractor).
+
+One row per image in, two arrays out: ``keypoints`` ``[N, 6]`` float32 in COLMAP's affine layout (x, y, a11,
+a12, a21, a22; pixel centres at +0.5 like COLMAP) in full-image coordinates, and ``descriptors`` ``[N, D]``
+(uint8 RootSIFT for SIFT, float32 for learned ones), plus the image size the reconstruction needs.
+
+**Giant images** (a side above ``tile_above``) are cut into ``tile_size`` tiles that overlap by
+``tile_overlap`` pixels and extracted tile by tile at full resolution, so the extractor's memory (SIFT's scale
+space is about 30 bytes per pixel) is bounded by the tile, not the image. Each tile owns the central part of
+itself (its overlaps split halfway with its neighbours): a keypoint is kept only from the tile that owns its
+position, which removes the duplicates the overlaps make without any search. Keypoints are then in
+full-image coordinates, so matching never needs to know about tiles.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import numpy as np
+
+from daskmv.errors import PipelineError, RowError
+from daskmv.ops.base import Op, Output, Param, Row
+from daskmv.ops.registry import register_op
+
+BACKENDS = ("pycolmap", "opencv")
+
+
+def tiles(width: int, height: int, size: int, overlap: int) -> list[tuple[int, int, int, int, tuple[float, ...]]]:
+    """Tiles covering an image: (x0, y0, x1, y1, owned) where ``owned`` = (ox0, oy0, ox1, oy1) is the part of
+    the image whose keypoints this tile keeps; the owned parts tile the image exactly."""
+    def starts(extent: int) -> list[int]:
+        if extent <= size:
+            return [0]
+        step = size - overlap
+        n = int(np.ceil((extent - overlap) / step))
+        return [min(k * step, extent - size) for k in range(n)]
+
+    out = []
+    xs, ys = starts(width), starts(height)
+    for j, y0 in enumerate(ys):
+        for i, x0 in enumerate(xs):
+            x1, y1 = min(x0 + size, width), min(y0 + size, height)
+            ox0 = 0.0 if i == 0 else (x0 + min(xs[i - 1] + size, width)) / 2
+            ox1 = float(width) if i == len(xs) - 1 else (xs[i + 1] + x1) / 2
+            oy0 = 0.0 if j == 0 else (y0 + min(ys[j - 1] + size, height)) / 2
+            oy1 = float(height) if j == len(ys) - 1 else (ys[j + 1] + y1) / 2
+            out.append((x0, y0, x1, y1, (ox0, oy0, ox1, oy1)))
+    return out
+
+
+class Extractor:
+    """SIFT on a gray uint8 array, returning (keypoints [N, 6] float32, descriptors [N, 128] uint8)."""
+
+    def __init__(self, backend: str, max_features: int, peak_threshold: float, upright: bool) -> None:
+        self.backend = backend
+        self.max_features, self.peak_threshold, self.upright = max_features, peak_threshold, upright
+        self.local = threading.local()  # pycolmap's extractor keeps buffers: one per loader thread
+
+    def __call__(self, gray: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if self.backend == "opencv":
+            return self._opencv(gray)
+        return self._pycolmap(gray)
+
+    def _pycolmap(self, gray: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        import pycolmap
+
+        ex = getattr(self.local, "pycolmap", None)
+        if ex is None:
+            options = pycolmap.FeatureExtractionOptions()
+            options.num_threads = 1
+            options.max_image_size = max(gray.shape) + 1  # the op resizes; pycolmap never should
+            options.sift.max_num_features = self.max_features
+            options.sift.peak_threshold = self.peak_threshold
+            options.sift.upright = self.upright
+            ex = self.local.pycolmap = pycolmap.FeatureExtractor.create(options, pycolmap.Device.cpu)
+        kps, desc = ex.extract_from_uint8_array(np.ascontiguousarray(gray))
+        keypoints = np.array([(k.x, k.y, k.a11, k.a12, k.a21, k.a22) for k in kps], dtype=np.float32).reshape(-1, 6)
+        return keypoints, np.asarray(desc.data, dtype=np.uint8).reshape(-1, 128)
+
+    def _opencv(self, gray: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        import cv2
+
+        sift = getattr(self.local, "opencv", None)
+        if sift is None:
+            sift = self.local.opencv = cv2.SIFT_create(nfeatures=self.max_features,
+                                                       contrastThreshold=self.peak_threshold * 6)
+        kps, desc = sift.detectAndCompute(gray, None)
+        if not kps:
+            return np.zeros((0, 6), np.float32), np.zeros((0, 128), np.uint8)
+        keypoints = np.array([_affine(k.pt[0] + 0.5, k.pt[1] + 0.5, k.size / 2, 0.0 if self.upright else k.angle)
+                              for k in kps], dtype=np.float32)
+        return keypoints, root_sift_uint8(desc)
+
+
+def _affine(x: float, y: float, scale: float, angle_deg: float) -> tuple[float, ...]:
+    a = np.radians(angle_deg)
+    c, s = scale * np.cos(a), scale * np.sin(a)
+    return (x, y, c, -s, s, c)
+
+
+def root_sift_uint8(desc: np.ndarray) -> np.ndarray:
+    """Float SIFT descriptors as COLMAP stores them: L1-normalised, square-rooted, scaled by 512 into uint8."""
+    d = desc.astype(np.float32)
+    d /= np.maximum(d.sum(axis=1, keepdims=True), 1e-12)
+    return np.clip(np.round(np.sqrt(d) * 512), 0, 255).astype(np.uint8)
+
+
+def extract(gray: np.ndarray, extractor: Any, tile_above: int = 0, tile_size: int = 2048,
+            tile_overlap: int = 128) -> tuple[np.ndarray, np.ndarray]:
+    """Features of a gray image, tiled when a side is above ``tile_above`` (0: never)."""
+    h, w = gray.shape[:2]
+    if not tile_above or max(h, w) <= tile_above:
+        return extractor(gray)
+    kps, descs = [], []
+    for x0, y0, x1, y1, (ox0, oy0, ox1, oy1) in tiles(w, h, tile_size, tile_overlap):
+        k, d = extractor(np.ascontiguousarray(gray[y0:y1, x0:x1]))
+        if not len(k):
+            continue
+        k = k.copy()
+        k[:, 0] += x0
+        k[:, 1] += y0
+        x, y = k[:, 0] - 0.5, k[:, 1] - 0.5  # the position in pixel units, centres at +0.5
+        owned = (x >= ox0) & (x < ox1) & (y >= oy0) & (y < oy1)
+        kps.append(k[owned])
+        descs.append(d[owned])
+    if not kps:
+        return np.zeros((0, 6), np.float32), np.zeros((0, 128), np.uint8)
+    return np.concatenate(kps), np.concatenate(descs)
+
+
+@register_op
+class Features(Op):
+    name = "features"
+    help = ("Local features per image: SIFT (pycolmap or OpenCV) or a learned extractor; giant images tiled. "
+            "Stores keypoints [N,6] and descriptors [N,D].")
+    inputs = ("image",)
+    min_partition_rows = 1
+    version = "1"
+    params = {
+        "backend": Param("pycolmap", "SIFT implementation", BACKENDS),
+        "model": Param(None, "a learned extractor instead of SIFT: TorchScript file or module:factory "
+                       "(gray [1,1,H,W] in [0,1] -> keypoints [N,2], descriptors [N,D])", path=True,
+                       types=(str, type(None))),
+        "max_features": Param(8192, "most features per image (per tile for tiled images)"),
+        "max_image_size": Param(3200, "images with a longer side are downscaled to it first (unless tiled)"),
+        "peak_threshold": Param(0.0067, "SIFT's contrast threshold (pycolmap's peak_threshold)"),
+        "upright": Param(False, "one orientation per keypoint (for upright cameras)"),
+        "tile_above": Param(0, "tile images with a side above this many pixels at full resolution (0: never)"),
+        "tile_size": Param(2048, "tile side in pixels"),
+        "tile_overlap": Param(128, "pixels shared by neighbouring tiles"),
+    }
+
+    def check_params(self) -> None:
+        c = self.config
+        if c["tile_above"] and not 64 <= c["tile_overlap"] * 4 <= c["tile_size"]:
+            raise PipelineError("op 'features': tile_overlap must be between 16 px and a quarter of tile_size "
+                                f"(got overlap {c['tile_overlap']}, size {c['tile_size']})")
+        if c["model"]:
+            from daskmv.ops.torch_model import check_model
+
+            c["model"], _ = check_model(self.name, c["model"], None)
+        self.extractor: Any = None
+
+    def output_specs(self) -> tuple[Output, ...]:
+        dtype = "float32" if self.config["model"] else "uint8"
+        return (Output("keypoints", "array", "float32", "x, y, a11, a12, a21, a22 per keypoint (full image)"),
+                Output("descriptors", "array", dtype, "one descriptor per keypoint"),
+                Output("width", "column", "int64", "image width in pixels"),
+                Output("height", "column", "int64", "image height in pixels"),
+                Output("n_features", "column", "int64", "keypoints found"))
+
+    def row_bytes(self) -> int:
+        return self.config["max_features"] * (24 + 128)
+
+    def spec(self) -> dict[str, Any]:
+        from daskmv.ops.torch_model import file_identity
+
+        spec = super().spec()
+        if self.config["model"] and ":" not in self.config["model"]:
+            spec["files"] = {self.config["model"]: file_identity(self.config["model"])}
+        return spec
+
+    def setup(self, device: str) -> None:
+        c = self.config
+        if c["model"]:
+            from daskmv.sfm.learned import LearnedExtractor
+
+            self.extractor = LearnedExtractor(c["model"], device, c["max_features"])
+        else:
+            self.extractor = Extractor(c["backend"], c["max_features"], c["peak_threshold"], c["upright"])
+
+    def process(self, rows: list[Row]) -> list[Row | BaseException]:
+        return [self._one(row) for row in rows]
+
+    def _one(self, row: Row) -> Row:
+        import cv2
+
+        image = row["image"]
+        gray = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY) if image.ndim == 3 else image
+        h, w = gray.shape[:2]
+        c = self.config
+        tiled = bool(c["tile_above"]) and max(h, w) > c["tile_above"]
+        factor = 1.0
+        if not tiled and max(h, w) > c["max_image_size"]:
+            factor = c["max_image_size"] / max(h, w)
+            gray = cv2.resize(gray, (round(w * factor), round(h * factor)), interpolation=cv2.INTER_AREA)
+        if gray.std() < 1.0:
+            raise RowError(f"the image is blank (a single grey level, {w}x{h}): no features")
+        keypoints, descriptors = extract(gray, self.extractor, c["tile_above"] if tiled else 0, c["tile_size"],
+                                         c["tile_overlap"])
+        if factor != 1.0:
+            keypoints[:, :2] /= factor
+            keypoints[:, 2:] /= factor
+        return {"keypoints": keypoints, "descriptors": descriptors, "width": w, "height": h,
+                "n_features": len(keypoints)}
