@@ -27,6 +27,27 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
+def _hide_folder_named_sparse() -> None:
+    """A COLMAP project has a ``sparse/`` folder; from a notebook or script run there, ``import sparse`` finds
+    it as a namespace package, and dask.array (which tries the pydata ``sparse`` library) fails with
+    "module 'sparse' has no attribute 'SparseArray'". A namespace package is found only when no real
+    ``sparse`` is installed, so hiding it loses nothing."""
+    import importlib.util
+    import sys
+
+    if "sparse" in sys.modules:
+        return
+    try:
+        spec = importlib.util.find_spec("sparse")
+    except (ImportError, ValueError):
+        return
+    if spec is not None and spec.origin is None and spec.submodule_search_locations is not None:
+        sys.modules["sparse"] = None  # type: ignore[assignment]  # `import sparse` raises ImportError
+
+
+_hide_folder_named_sparse()
+
+
 def __getattr__(name: str) -> Any:
     if name not in _EXPORTS:
         raise AttributeError(f"module 'daskmv' has no attribute {name!r}")

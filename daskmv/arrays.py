@@ -97,6 +97,8 @@ class PartitionArray:
             self.ragged.put(i, value)
         elif self.values is not None:
             self.values[i] = value
+        elif self.stream is None and self.buffer is None and value.size == 0:
+            self._go_ragged(i, value)  # no stacked rows of zero size (Zarr chunks need every side > 0)
         elif self.stream is None and self.buffer is None:
             self.rows_per_chunk, shard_rows = chunk_layout(self.n, value.nbytes)
             if self.sink is not None:
@@ -140,7 +142,8 @@ class PartitionArray:
             self.stream = None
         else:
             rows, self.buffer = self.buffer, None
-        assert rows is not None
+        if rows is None:  # nothing stacked yet
+            return [None] * self.n
         return [rows[j].copy() if self.present[j] else None for j in range(self.n)]
 
     def drop(self, i: int) -> None:
@@ -411,7 +414,7 @@ def write_partition_array(url: str, array: PartitionArray, options: dict[str, An
         return
     if array.values is not None:
         present = [v for v in array.values if v is not None]
-        if len({(v.shape, v.dtype) for v in present}) == 1:
+        if len({(v.shape, v.dtype) for v in present}) == 1 and present[0].size:
             array = _rebuffer(array)
         else:
             write_ragged(url, array.values, present[0].dtype, options, compression)

@@ -140,9 +140,11 @@ class Group(Reshape):
         errors = grouped.column(f"{UPSTREAM_ERROR}_list")
         n = pc.list_value_length(errors)
         ok = pc.subtract(n, _count_non_null(errors))
+        first = pc.fill_null(pc.list_element(pc.fill_null(errors, pa.scalar([""], errors.type)), 0), "")
         whole = pc.if_else(pc.and_(pc.equal(ok, 0), pc.greater(n, 0)),
                            pc.binary_join_element_wise(pa.scalar("all "), pc.cast(n, pa.string()),
-                                                       pa.scalar(" rows of this group failed upstream"), ""),
+                                                       pa.scalar(" rows of this group failed upstream (first: "),
+                                                       first, pa.scalar(")"), ""),
                            pa.nulls(len(keys), pa.string()))
         columns = {"id": keys, by: table.column(by).take(pa.array(firsts)), "ids": grouped.column("id_list"),
                    "n": n, "n_ok": ok}

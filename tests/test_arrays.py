@@ -195,3 +195,26 @@ def test_compressed_stream_switches_to_ragged_with_every_value(tmp_path):
     for i, v in enumerate(values):
         got = read_array_row(url, i)
         assert got.shape == v.shape and (got == i).all()
+
+
+@pytest.mark.parametrize("compression", [None, "zstd"])
+@pytest.mark.parametrize("first_empty", [True, False])
+def test_zero_size_values_are_stored_and_read_back(tmp_path, compression, first_empty):
+    """A pair with no verified matches gives a [0, 2] array; as a partition's first value it used to make
+    Zarr fail the whole partition ("integer modulo by zero": a chunk with a side of 0)."""
+    from daskmv.arrays import PartitionArray, Sink, write_partition_array
+
+    fs = fsspec.filesystem("file")
+    values = [np.zeros((0, 2), np.uint32), np.arange(10, dtype=np.uint32).reshape(5, 2), np.zeros((0, 2), np.uint32)]
+    if not first_empty:
+        values = values[1:] + values[:1]
+    for name, vals in (("mixed", values), ("all-empty", [np.zeros((0, 2), np.uint32)] * 3)):
+        url = str(tmp_path / f"{name}-{compression}")
+        array = PartitionArray(len(vals), Sink(fs, url, None, compression))
+        for i, v in enumerate(vals):
+            array.set(i, v)
+        array.flush(len(vals))
+        write_partition_array(url, array, None, compression, fs=fs)
+        for i, v in enumerate(vals):
+            back = read_array_row(url, i)
+            assert back.shape == v.shape and back.dtype == v.dtype and np.array_equal(back, v)

@@ -1,0 +1,387 @@
+"""Structure from motion: synthetic scenes with known cameras, the real Sacré-Cœur photos, tiling, pairing
+modes, per-scene errors, the pair-matching job alone, learned models plugged in, and the export's layout."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pytest
+
+import daskmv
+from daskmv.data import artifact_path, load_output
+from daskmv.reshape import Pairs
+from daskmv.sfm import evaluate, synthetic
+from daskmv.sfm.features import Extractor, extract
+from daskmv.sfm.match import mutual_nearest
+from daskmv.sfm.scale import NORMALISED, fuse
+
+from conftest import PEOPLE, shared_data
+
+pycolmap = pytest.importorskip("pycolmap")
+
+
+def write_manifest(rows: list[dict], path: Path) -> Path:
+    pd.DataFrame(rows).to_csv(path, index=False)
+    return path
+
+
+def truth_of(folder: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    return {name: (cam.R, cam.t) for name, cam in synthetic.read_truth(folder).items()}
+
+
+def model_of(manifest_path: str, scene: str) -> tuple[str, object]:
+    folder = artifact_path(manifest_path, scene, "model")
+    return folder, pycolmap.Reconstruction(os.path.join(folder, "sparse", "0"))
+
+
+@pytest.fixture(scope="module")
+def room(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """12 views of a room (a 90 degree arc), with metric depth maps: 2 % noise and 20 % wild outliers."""
+    root = tmp_path_factory.mktemp("room")
+    rows = synthetic.write_scene(root / "images", n=12, seed=0, depth=True, arc_deg=90)
+    rng = np.random.default_rng(0)
+    for row in rows:
+        depth = np.load(row["depth"])
+        noisy = depth * (1 + 0.02 * rng.standard_normal(depth.shape))
+        wild = rng.random(depth.shape) < 0.2
+        noisy[wild] = rng.uniform(0.1, 30.0, int(wild.sum()))
+        np.save(row["depth"], noisy.astype(np.float32))
+    write_manifest(rows, root / "photos.csv")
+    return root
+
+
+def test_a_synthetic_scene_registers_every_image_with_its_true_pose_and_metric_scale(room, client, tmp_path, run_opts):
+    spec = [{"sfm": {"reconstruct": {"depth_column": "depth"}}}]
+    r = daskmv.run(str(room / "photos.csv"), spec, str(tmp_path / "recon"), client=client, **run_opts)
+    scenes = r.manifest()
+    assert len(scenes) == 1 and scenes["status"].tolist() == ["ok"]
+    scene = scenes.iloc[0]
+    assert scene["id"] == "room0" and scene["n_images"] == 12 and scene["n_registered"] == 12
+    assert json.loads(scene["unregistered"]) == [] and scene["reprojection_error"] < 1.0
+    # the scenes manifest describes scenes, not their pairs' lists
+    assert not [c for c in scenes.columns if c.endswith(("_a", "_b"))] and "matches_path" not in scenes.columns
+    folder, rec = model_of(r.manifest_path, "room0")
+    estimated, truth = evaluate.poses(rec), truth_of(room / "images")
+    rot, trans = evaluate.relative_errors(estimated, truth)
+    assert rot.max() < 0.5, f"relative rotation errors up to {rot.max():.3f} deg"
+    assert trans.max() < 2.0
+    errors, scale = evaluate.centre_errors(estimated, truth)
+    centres = np.array([cam.center for cam in synthetic.read_truth(room / "images").values()])
+    extent = np.linalg.norm(centres.max(0) - centres.min(0))
+    assert errors.max() < 0.01 * extent, f"camera centres off by up to {errors.max():.4f} m of a {extent:.2f} m path"
+    # metric from noisy depth with 20 % outliers: the model is in metres within 1 %
+    assert scene["scale_source"].startswith("metric: depth") and scene["scale_inliers"] > 1000
+    assert abs(scale - 1) < 0.01, f"model units are {scale:.4f} m"
+    assert 0 < scene["scale_spread"] < 0.2
+    # the 3DGS layout: undistorted PINHOLE cameras, every model image present under images/
+    assert {c.model.name for c in rec.cameras.values()} == {"PINHOLE"}
+    files = sorted(os.listdir(os.path.join(folder, "images")))
+    assert files == sorted(im.name for im in rec.images.values()) == sorted(truth)
+    for im in rec.images.values():
+        h, w = cv2.imread(os.path.join(folder, "images", im.name)).shape[:2]
+        cam = rec.cameras[im.camera_id]
+        assert (w, h) == (cam.width, cam.height)
+    # the report's pictures: a top view and the best pair's verified matches
+    top = load_output(r.manifest_path, "room0", "top_view")
+    pair = load_output(r.manifest_path, "room0", "pair_view")
+    assert top.shape == (384, 384, 3) and pair.shape[0] == 240 and pair.shape[2] == 3
+    assert (top[..., 0] > 200).sum() > 12 and (top != 255).any()
+
+
+def test_the_sacre_coeur_photos_all_register(client, tmp_path, run_opts):
+    folder = shared_data("sacre_coeur/mapping")
+    rows = [{"path": str(p)} for p in sorted(folder.glob("*.jpg"))]
+    assert len(rows) == 10
+    manifest = write_manifest(rows, tmp_path / "photos.csv")
+    r = daskmv.run(str(manifest), "sfm", str(tmp_path / "recon"), client=client, **run_opts)
+    scene = r.manifest().iloc[0]
+    assert scene["status"] == "ok", scene["error"]
+    assert scene["id"] == "all"  # no scene column: one scene
+    assert scene["n_registered"] == 10, scene["unregistered"]
+    assert scene["reprojection_error"] < 1.5
+    assert scene["scale_source"] == NORMALISED
+
+
+@pytest.fixture(scope="module")
+def sequence(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """100 views around a room at 320x240: a closed loop, like frames of a walk-around video."""
+    root = tmp_path_factory.mktemp("sequence")
+    rows = synthetic.write_scene(root / "images", n=100, seed=4, width=320, height=240, fov_deg=70)
+    write_manifest(rows, root / "frames.csv")
+    return root
+
+
+@pytest.mark.parametrize("pairs", [{"mode": "sequential", "window": 3, "k": 5}, {"mode": "retrieval", "k": 8}],
+                         ids=["sequential", "retrieval"])
+def test_sequential_and_retrieval_pairs_are_few_and_register_every_image(sequence, client, tmp_path, run_opts, pairs):
+    spec = [{"sfm": {"features": {"max_features": 1500}, "pairs": pairs}}]
+    r = daskmv.run(str(sequence / "frames.csv"), spec, str(tmp_path / "recon"), client=client, **run_opts)
+    matched = pd.read_parquet(Path(r.stages[1].manifest_path))
+    exhaustive = 100 * 99 // 2
+    assert len(matched) < exhaustive / 8, f"{len(matched)} pairs"
+    scene = r.manifest().iloc[0]
+    assert scene["status"] == "ok" and scene["n_registered"] == 100, scene["unregistered"]
+    rot, _ = evaluate.relative_errors(evaluate.poses(model_of(r.manifest_path, scene["id"])[1]),
+                                      truth_of(sequence / "images"))
+    assert np.median(rot) < 0.5
+
+
+@pytest.fixture(scope="module")
+def mixed(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Five scenes: 'a' (8 views and one unrelated photo), 'b' (6 views), 'pair' (2 views), 'blank'
+    (3 grey images) and 'apart' (3 photos of different things)."""
+    root = tmp_path_factory.mktemp("mixed")
+    rows = synthetic.write_scene(root / "a", n=8, seed=1, arc_deg=70, scene_name="a")
+    rows.append({"id": "a_stranger", "path": str(PEOPLE / "apollo11_crew_nasa.jpg"), "scene": "a"})
+    rows += synthetic.write_scene(root / "b", n=6, seed=2, arc_deg=50, scene_name="b")
+    rows += synthetic.write_scene(root / "pair", n=2, seed=3, arc_deg=10, scene_name="pair")
+    (root / "blank").mkdir()
+    for k in range(3):
+        cv2.imwrite(str(root / "blank" / f"{k}.jpg"), np.full((240, 320, 3), 128, np.uint8))
+        rows.append({"id": f"blank{k}", "path": str(root / "blank" / f"{k}.jpg"), "scene": "blank"})
+    apart = [PEOPLE / "apollo11_crew_nasa.jpg", PEOPLE / "astronaut_eileen_collins_nasa.jpg"]
+    rows += [{"id": f"apart{k}", "path": str(p), "scene": "apart"} for k, p in enumerate(apart)]
+    other = synthetic.write_scene(root / "apart", n=1, seed=7, scene_name="apart")
+    rows += [{**row, "id": "apart2"} for row in other]
+    write_manifest(rows, root / "photos.csv")
+    return root
+
+
+def test_each_scene_gets_its_model_or_its_own_clear_error(mixed, client, tmp_path, run_opts):
+    r = daskmv.run(str(mixed / "photos.csv"), "sfm", str(tmp_path / "recon"), client=client,
+                   **{**run_opts, "max_error_rate": 1.0})
+    scenes = r.manifest().set_index("id")
+    assert sorted(scenes.index) == ["a", "apart", "b", "blank", "pair"]
+    a, b = scenes.loc["a"], scenes.loc["b"]
+    assert a["status"] == "ok" and a["n_images"] == 9 and a["n_registered"] == 8
+    assert json.loads(a["unregistered"]) == ["apollo11_crew_nasa.jpg"]
+    assert b["status"] == "ok" and b["n_registered"] == 6
+    assert "only 2 of 2 images" in scenes.loc["pair", "error"] and "at least 3" in scenes.loc["pair", "error"]
+    assert scenes.loc["blank", "status"] == "error" and "the image is blank" in scenes.loc["blank", "error"]
+    assert scenes.loc["apart", "status"] == "error" and "no verified image pair" in scenes.loc["apart", "error"]
+    # without metric cues the model is normalised: the cameras' median distance from their centroid is 1
+    assert a["scale_source"] == NORMALISED
+    _, rec = model_of(r.manifest_path, "b")
+    centres = np.array([im.projection_center() for im in rec.images.values()])
+    assert np.median(np.linalg.norm(centres - centres.mean(0), axis=1)) == pytest.approx(1.0, rel=1e-6)
+
+
+def test_tiled_features_equal_untiled_ones():
+    cam = synthetic.orbit(1, width=1600, height=1200, seed=3)[0]
+    image, _ = synthetic.render(synthetic.room(3), cam)
+    gray = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
+    extractor = Extractor("pycolmap", 100_000, 0.0067, False)
+    whole, _ = extractor(gray)
+    tiled, _ = extract(gray, extractor, tile_above=1000, tile_size=640, tile_overlap=128)
+
+    def found(a: np.ndarray, b: np.ndarray) -> float:
+        import torch
+
+        d = torch.cdist(torch.from_numpy(a[:, :2]), torch.from_numpy(b[:, :2])).min(dim=1).values
+        return float((d < 1.0).float().mean())
+
+    assert len(whole) > 5000
+    assert found(whole, tiled) > 0.98 and found(tiled, whole) > 0.98
+    assert abs(len(tiled) - len(whole)) < 0.02 * len(whole)  # overlaps de-duplicated
+
+
+def test_tiled_features_register_the_same_images(room, client, tmp_path, run_opts):
+    tiles = {"tile_above": 500, "tile_size": 320, "tile_overlap": 64}
+    r = daskmv.run(str(room / "photos.csv"), [{"sfm": {"features": tiles}}], str(tmp_path / "recon"),
+                   client=client, **run_opts)
+    scene = r.manifest().iloc[0]
+    assert scene["status"] == "ok" and scene["n_registered"] == 12
+    rot, _ = evaluate.relative_errors(evaluate.poses(model_of(r.manifest_path, "room0")[1]), truth_of(room / "images"))
+    assert rot.max() < 0.5
+
+
+MEMORY_PROBE = """
+import sys, cv2, numpy as np
+from daskmv.sfm.features import Extractor, extract
+from daskmv.sfm.synthetic import _texture
+
+def rss(field):
+    return int(next(l for l in open("/proc/self/status") if l.startswith(field)).split()[1]) * 1024
+
+gray = np.ascontiguousarray(cv2.GaussianBlur(_texture((1800, 2400), 5)[..., 1], (0, 0), 3))
+before = rss("VmRSS")
+with open("/proc/self/clear_refs", "w") as fh:  # reset the peak: a forked child starts with its parent's
+    fh.write("5")
+extract(gray, Extractor("pycolmap", 4096, 0.0067, False), tile_above=int(sys.argv[1]), tile_size=1024, tile_overlap=128)
+print(rss("VmHWM") - before)
+"""
+
+
+def test_tiling_bounds_the_extractors_memory_by_the_tile(tmp_path):
+    if not os.path.exists("/proc/self/clear_refs"):
+        pytest.skip("needs Linux's /proc/self/clear_refs to measure a peak")
+    def peak(tile_above: int) -> int:
+        out = subprocess.run([sys.executable, "-c", MEMORY_PROBE, str(tile_above)], capture_output=True, text=True,
+                             check=True)
+        return int(out.stdout.strip().splitlines()[-1])
+
+    whole, tiled = peak(0), peak(1000)
+    assert tiled < whole / 3, (whole, tiled)
+    assert tiled < 300 * 1024 * 1024 * 1.0, tiled  # ~260 bytes per pixel of a 1024 x 1024 tile, not of 2400 x 1800
+
+
+def test_match_alone_over_a_pair_manifest_draws_its_verified_matches(client, tmp_path, run_opts):
+    rows = synthetic.write_scene(tmp_path / "views", n=4, seed=5, arc_deg=30)
+    pairs = [{"id": f"pair{k}", "path_a": rows[k]["path"], "path_b": rows[k + 1]["path"]} for k in range(3)]
+    pairs.append({"id": "stranger", "path_a": rows[0]["path"], "path_b": str(PEOPLE / "apollo11_crew_nasa.jpg")})
+    manifest = write_manifest(pairs, tmp_path / "pairs.csv")
+    spec = [{"match": {"extract": True, "draw": True, "features": {"max_features": 2000}}}]
+    r = daskmv.run(str(manifest), spec, str(tmp_path / "out"), client=client, path_column="path_a", **run_opts)
+    frame = r.manifest()
+    assert frame["status"].tolist() == ["ok"] * 4
+    assert (frame["n_inliers"][:3] > 200).all() and frame["n_inliers"][3] == 0
+    for k, row in frame.iterrows():
+        matches = load_output(r.manifest_path, row["id"], "matches")
+        ka = load_output(r.manifest_path, row["id"], "keypoints_a")
+        kb = load_output(r.manifest_path, row["id"], "keypoints_b")
+        assert matches.shape == (row["n_inliers"], 2) and matches.dtype == np.uint32
+        if len(matches):
+            assert matches[:, 0].max() < len(ka) and matches[:, 1].max() < len(kb)
+        picture = load_output(r.manifest_path, row["id"], "picture")
+        assert picture.shape[0] == 360 and picture.shape[2] == 3
+        geometry = json.loads(row["geometry"])
+        assert geometry["config"] in ("CALIBRATED", "UNCALIBRATED", "PLANAR", "PLANAR_OR_PANORAMIC") if k < 3 else True
+
+
+def _tiny_models(folder: Path) -> tuple[str, str]:
+    """A randomly initialised keypoint + descriptor network and a learned-projection matcher, as TorchScript."""
+    import torch
+
+    class TinyExtractor(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.score = torch.nn.Conv2d(1, 1, 5, padding=2)
+            self.describe = torch.nn.Conv2d(1, 16, 5, padding=2)
+
+        def forward(self, image: torch.Tensor):
+            scores = self.score(image)[0, 0]
+            w = scores.shape[1]
+            top = torch.topk(scores.flatten(), 300).indices
+            y, x = top // w, top % w
+            desc = self.describe(image)[0][:, y, x].T
+            kpts = torch.stack([x, y], dim=1).float()
+            return kpts, torch.nn.functional.normalize(desc, dim=1), scores.flatten()[top]
+
+    class TinyMatcher(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.project = torch.nn.Linear(16, 16)
+
+        def forward(self, ka: torch.Tensor, da: torch.Tensor, kb: torch.Tensor, db: torch.Tensor):
+            sim = self.project(da[0]) @ self.project(db[0]).T
+            ab, ba = sim.argmax(1), sim.argmax(0)
+            idx = torch.arange(sim.shape[0])
+            keep = ba[ab] == idx
+            return torch.stack([idx[keep], ab[keep]], dim=1)
+
+    torch.manual_seed(0)
+    ext, mat = str(folder / "extractor.pt"), str(folder / "matcher.pt")
+    torch.jit.script(TinyExtractor()).save(ext)
+    torch.jit.script(TinyMatcher()).save(mat)
+    return ext, mat
+
+
+def test_a_learned_extractor_and_matcher_plug_in(client, tmp_path, run_opts):
+    import torch
+
+    ext, mat = _tiny_models(tmp_path)
+    rows = synthetic.write_scene(tmp_path / "views", n=2, seed=6, arc_deg=10)
+    manifest = write_manifest([{"id": "p", "path_a": rows[0]["path"], "path_b": rows[1]["path"]}], tmp_path / "pairs.csv")
+    spec = [{"match": {"extract": True, "features": {"model": ext}, "model": mat, "min_inliers": 8}}]
+    r = daskmv.run(str(manifest), spec, str(tmp_path / "out"), client=client, path_column="path_a", **run_opts)
+    row = r.manifest().iloc[0]
+    assert row["status"] == "ok", row["error"]
+    # the same putative matches as calling the two networks directly
+    extractor, matcher = torch.jit.load(ext), torch.jit.load(mat)
+    feats = []
+    for p in (rows[0]["path"], rows[1]["path"]):
+        gray = torch.from_numpy(cv2.imread(p, cv2.IMREAD_GRAYSCALE)).float().div(255)[None, None]
+        k, d, _ = extractor(gray)
+        feats.append((k[None], d[None]))
+    expected = matcher(feats[0][0], feats[0][1], feats[1][0], feats[1][1])
+    assert row["n_putative"] == len(expected) > 0
+    ka = load_output(r.manifest_path, row["id"], "keypoints_a")
+    direct = feats[0][0][0].numpy()
+    assert ka.shape == (300, 6)  # the same keypoints (in any order: the random net's scores tie)
+    assert np.array_equal(np.unique(ka[:, :2] - 0.5, axis=0), np.unique(direct, axis=0))
+
+
+def test_mutual_nearest_neighbours_match_a_brute_force_reference():
+    rng = np.random.default_rng(0)
+    base = rng.random((700, 128)) ** 3
+    a = base[:500] + 0.02 * rng.random((500, 128))
+    b = np.concatenate([base[100:700] + 0.02 * rng.random((600, 128)), rng.random((200, 128)) ** 3])
+
+    def root_sift(x: np.ndarray) -> np.ndarray:
+        x = np.sqrt(x / x.sum(1, keepdims=True))
+        return np.clip(np.round(x * 512), 0, 255).astype(np.uint8)
+
+    da, db = root_sift(a), root_sift(b)
+
+    def reference(x: np.ndarray, y: np.ndarray, ratio: float = 0.8, max_distance: float = 0.7) -> set:
+        """Neighbours ranked by dot product (uint8: of the halved integers, as the matcher multiplies them),
+        distances between unit vectors, mutual by the reverse argmax."""
+        integer = x.dtype == np.uint8
+        xf, yf = ((x >> 1) if integer else x).astype(np.float64), ((y >> 1) if integer else y).astype(np.float64)
+        nx, ny = np.linalg.norm(xf, axis=1), np.linalg.norm(yf, axis=1)
+        rank = xf @ yf.T if integer else (xf / nx[:, None]) @ (yf / ny[:, None]).T
+        order = np.argsort(-rank, axis=1, kind="stable")[:, :2]
+        cos = np.take_along_axis(xf @ yf.T, order, 1) / (nx[:, None] * ny[order])
+        dist = np.sqrt(np.clip(2 - 2 * cos, 0, None))
+        back = rank.argmax(0)
+        return {(i, int(order[i, 0])) for i in range(len(x))
+                if dist[i, 0] <= max_distance and dist[i, 0] < ratio * dist[i, 1] and back[order[i, 0]] == i}
+
+    for x, y in ((da, db), (da.astype(np.float32), db.astype(np.float32))):
+        expected = reference(x, y)
+        assert len(expected) > 300
+        for block in (1 << 24, 1000):  # the whole matrix at once, or 1 row of b's 800 per block
+            got = {tuple(m) for m in mutual_nearest(x, y, block=block).tolist()}
+            assert len(got ^ expected) <= 0.01 * len(expected)  # equal up to ties of the integer products
+    assert mutual_nearest(da[:0], db).shape == (0, 2)
+
+
+def test_scale_fusion_keeps_one_percent_with_a_fifth_of_wild_samples():
+    rng = np.random.default_rng(1)
+    good = 2.5 * (1 + 0.03 * rng.standard_normal(8000))
+    wild = rng.uniform(0.01, 50, 2000)
+    fused = fuse(np.concatenate([good, wild]))
+    assert fused.scale == pytest.approx(2.5, rel=0.01)
+    assert 7000 < fused.inliers < 10000 and 0 < fused.spread < 0.1
+
+
+def test_retrieval_and_auto_pairs_grow_with_n_times_k():
+    rng = np.random.default_rng(2)
+    n, k = 300, 6
+    t = np.arange(n)[:, None] / n
+    freq = np.arange(1, 9)[None, :]
+    walk = np.concatenate([np.cos(2 * np.pi * freq * t), np.sin(2 * np.pi * freq * t)], 1).astype(np.float32)
+    walk += 0.01 * rng.standard_normal(walk.shape).astype(np.float32)  # a loop: neighbours are adjacent rows
+    table = pa.table({"id": [f"f{i}" for i in range(n)], "scene": ["s"] * (n - 10) + ["t"] * 10,
+                      "global": pa.array(list(walk), pa.list_(pa.float32()))})
+    retrieval = Pairs(by="scene", mode="retrieval", column="global", k=k).run(table)
+    assert len(retrieval) <= (n - 10) * k + 10 * 9 and len(retrieval) >= (n - 10) * k / 2
+    assert "global_a" not in retrieval.column_names  # the embedding is consumed, not copied onto every pair
+    ids = set(retrieval.column("id").to_pylist())
+    assert "f0|f1" in ids and "f100|f101" in ids  # each point's nearest are its neighbours on the path
+    auto = Pairs(by="scene", mode="auto", column="global", k=k, exhaustive_up_to=40).run(table)
+    scenes = auto.column("scene").to_pylist()
+    assert scenes.count("t") == 45 and scenes.count("s") == len(retrieval.filter(pa.compute.equal(
+        retrieval.column("scene"), "s")))
+    sequential = Pairs(mode="sequential", window=2, column="global", k=2).run(table)
+    assert len(sequential) >= 2 * n - 3
+    no_scene = Pairs(by="scene", default_group="all", mode="exhaustive").run(table.drop_columns(["scene"]).slice(0, 5))
+    assert no_scene.column("scene").to_pylist() == ["all"] * 10
