@@ -52,8 +52,9 @@ def tiles(width: int, height: int, size: int, overlap: int) -> list[tuple[int, i
 class Extractor:
     """SIFT on a gray uint8 array, returning (keypoints [N, 6] float32, descriptors [N, 128] uint8)."""
 
-    def __init__(self, backend: str, max_features: int, peak_threshold: float, upright: bool) -> None:
-        self.backend = backend
+    def __init__(self, backend: str, max_features: int, peak_threshold: float, upright: bool,
+                 device: str = "cpu") -> None:
+        self.backend, self.device = backend, device
         self.max_features, self.peak_threshold, self.upright = max_features, peak_threshold, upright
         self.local = threading.local()  # pycolmap's extractor keeps buffers: one per loader thread
 
@@ -73,7 +74,11 @@ class Extractor:
             options.sift.max_num_features = self.max_features
             options.sift.peak_threshold = self.peak_threshold
             options.sift.upright = self.upright
-            ex = self.local.pycolmap = pycolmap.FeatureExtractor.create(options, pycolmap.Device.cpu)
+            gpu = self.device.startswith("cuda") and pycolmap.has_cuda  # pycolmap-cuda12 builds
+            if gpu:
+                options.use_gpu, options.gpu_index = True, str(int(self.device.partition(":")[2] or 0))
+            device = pycolmap.Device.cuda if gpu else pycolmap.Device.cpu
+            ex = self.local.pycolmap = pycolmap.FeatureExtractor.create(options, device)
         kps, desc = ex.extract_from_uint8_array(np.ascontiguousarray(gray))
         keypoints = np.array([(k.x, k.y, k.a11, k.a12, k.a21, k.a22) for k in kps], dtype=np.float32).reshape(-1, 6)
         return keypoints, np.asarray(desc.data, dtype=np.uint8).reshape(-1, 128)
@@ -135,6 +140,7 @@ class Features(Op):
     help = ("Local features per image: SIFT (pycolmap or OpenCV) or a learned extractor; giant images tiled. "
             "Stores keypoints [N,6] and descriptors [N,D].")
     inputs = ("image",)
+    gpu = True  # used by pycolmap builds with CUDA and by learned extractors; SIFT runs on CPU otherwise
     min_partition_rows = 1
     version = "1"
     params = {
@@ -188,7 +194,7 @@ class Features(Op):
 
             self.extractor = LearnedExtractor(c["model"], device, c["max_features"])
         else:
-            self.extractor = Extractor(c["backend"], c["max_features"], c["peak_threshold"], c["upright"])
+            self.extractor = Extractor(c["backend"], c["max_features"], c["peak_threshold"], c["upright"], device)
 
     def process(self, rows: list[Row]) -> list[Row | BaseException]:
         return [self._one(row) for row in rows]
