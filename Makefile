@@ -25,6 +25,11 @@ demo: $(STAMP)
 	$(VENV)/bin/daskmv run manifests/sample/people.csv --pipeline relight --out demo-relight --workers 2 \
 		--export png --overwrite
 	$(VENV)/bin/daskmv preview demo-relight
+	# structure from motion on a rendered room (12 views, known cameras, metric depth): a COLMAP model
+	$(PY) -m daskmv.sfm.synthetic manifests/sample/room --depth
+	$(VENV)/bin/daskmv run manifests/sample/room/photos.csv --pipeline manifests/sfm_pipeline.yaml \
+		--out demo-sfm --workers 2 --overwrite
+	$(VENV)/bin/daskmv status demo-sfm
 
 # pytest exits 5 when it collects nothing; any non-zero status fails the target.
 test: $(STAMP)
@@ -34,4 +39,4 @@ bench: $(STAMP)
 	$(PY) benchmarks/engine.py
 
 clean:
-	rm -rf $(VENV) demo-out demo-relight manifests/sample benchmarks/work
+	rm -rf $(VENV) demo-out demo-relight demo-sfm manifests/sample benchmarks/work

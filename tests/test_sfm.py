@@ -385,3 +385,69 @@ def test_retrieval_and_auto_pairs_grow_with_n_times_k():
     assert len(sequential) >= 2 * n - 3
     no_scene = Pairs(by="scene", default_group="all", mode="exhaustive").run(table.drop_columns(["scene"]).slice(0, 5))
     assert no_scene.column("scene").to_pylist() == ["all"] * 10
+
+
+def test_the_global_mapper_with_known_camera_positions_gives_a_metric_model(room, client, tmp_path, run_opts):
+    """GLOMAP instead of COLMAP's incremental mapper, and GPS-like positions (5 cm noise) as the metric cue."""
+    truth = synthetic.read_truth(room / "images")
+    frame = pd.read_csv(room / "photos.csv")
+    rng = np.random.default_rng(3)
+    centres = np.array([truth[os.path.basename(p)].center for p in frame["path"]])
+    frame[["x", "y", "z"]] = centres + 0.05 * rng.standard_normal(centres.shape)
+    frame.drop(columns=["depth"]).to_csv(tmp_path / "photos.csv", index=False)
+    spec = [{"sfm": {"reconstruct": {"mapper": "global", "position_columns": ["x", "y", "z"]}}}]
+    r = daskmv.run(str(tmp_path / "photos.csv"), spec, str(tmp_path / "recon"), client=client, **run_opts)
+    scene = r.manifest().iloc[0]
+    assert scene["status"] == "ok", scene["error"]
+    assert scene["n_registered"] == 12 and scene["scale_source"].startswith("metric: positions")
+    estimated = evaluate.poses(model_of(r.manifest_path, "room0")[1])
+    rot, _ = evaluate.relative_errors(estimated, truth_of(room / "images"))
+    _, scale = evaluate.centre_errors(estimated, truth_of(room / "images"))
+    assert rot.max() < 1.0 and abs(scale - 1) < 0.01, (rot.max(), scale)
+
+
+def test_opencv_sift_features_match_and_verify():
+    from daskmv.sfm.features import Features
+    from daskmv.sfm.match import verify
+
+    cams = synthetic.orbit(2, seed=8, arc_deg=10)
+    scene = synthetic.room(8)
+    op = Features(backend="opencv", max_features=3000)
+    op.setup("cpu")
+    a, b = (op.process([{"image": synthetic.render(scene, cam)[0]}])[0] for cam in cams)
+    assert a["descriptors"].dtype == np.uint8 and a["keypoints"].shape[1] == 6 and 1000 < len(a["keypoints"]) <= 3000
+    inliers, geometry = verify(a["keypoints"], (640, 480), b["keypoints"], (640, 480),
+                               mutual_nearest(a["descriptors"], b["descriptors"]))
+    assert len(inliers) > 300 and geometry["config"] in ("CALIBRATED", "UNCALIBRATED")
+
+
+def test_global_descriptors_rank_overlapping_views_first(tmp_path):
+    """VLAD (and a torch embedding model through the same op) puts each view's neighbours on the orbit
+    nearest: what retrieval pairing relies on."""
+    import torch
+
+    from daskmv.sfm.features import Features
+    from daskmv.sfm.retrieval import GlobalDescriptor
+
+    scene = synthetic.room(9)
+    images = [synthetic.render(scene, cam)[0] for cam in synthetic.orbit(16, seed=9, width=320, height=240)]
+    features = Features(max_features=2000)
+    features.setup("cpu")
+    vlad = GlobalDescriptor()
+    vectors = np.array([vlad.process([{"descriptors": features.process([{"image": im}])[0]["descriptors"]}])[0]["global"]
+                        for im in images])
+    assert vectors.shape == (16, 256) and np.allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-5)
+    sim = vectors @ vectors.T
+    np.fill_diagonal(sim, -1)
+    ring = np.abs((sim.argmax(1) - np.arange(16) + 8) % 16 - 8)  # distance along the loop to the nearest
+    assert (ring <= 2).mean() >= 0.8, ring
+
+    class Pool(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.nn.functional.adaptive_avg_pool2d(x, 4).flatten(1)
+
+    torch.jit.script(Pool()).save(str(tmp_path / "pool.pt"))
+    embed = GlobalDescriptor(model=str(tmp_path / "pool.pt"), size=64)
+    embed.setup("cpu")
+    out = embed.process([{"image": images[0]}])[0]["global"]
+    assert out.shape == (48,) and np.linalg.norm(out) == pytest.approx(1.0)

@@ -64,3 +64,13 @@ def label(image: np.ndarray, text: str) -> np.ndarray:
     cv2.putText(out, text, (8, 20), cv2.FONT_HERSHEY_SIMPLEX, 0.55, (0, 0, 0), 3, cv2.LINE_AA)
     cv2.putText(out, text, (8, 20), cv2.FONT_HERSHEY_SIMPLEX, 0.55, (255, 255, 255), 1, cv2.LINE_AA)
     return out
+
+
+def keypoint_map(keypoints: np.ndarray, width: int, height: int, side: int = 320) -> np.ndarray:
+    """A white frame of the image's shape (longer side ``side``) with a dot per keypoint."""
+    s = side / max(width, height, 1)
+    canvas = np.full((max(1, round(height * s)), max(1, round(width * s)), 3), 255, np.uint8)
+    if len(keypoints):
+        xy = np.clip(((keypoints[:, :2] - 0.5) * s).astype(int), 0, [canvas.shape[1] - 1, canvas.shape[0] - 1])
+        canvas[xy[:, 1], xy[:, 0]] = (30, 30, 200)
+    return canvas

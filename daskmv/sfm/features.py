@@ -187,6 +187,15 @@ class Features(Op):
             spec["files"] = {self.config["model"]: file_identity(self.config["model"])}
         return spec
 
+    def gallery(self, row: Row) -> list[tuple[str, Any]]:
+        """Where the keypoints fall (a dot each, on the image's frame): gaps, clusters or tile seams show."""
+        from daskmv.sfm.draw import keypoint_map
+
+        keypoints, w, h = row.get("keypoints"), row.get("width"), row.get("height")
+        if keypoints is None or not w or not h:
+            return []
+        return [(f"{len(keypoints)} keypoints", keypoint_map(np.asarray(keypoints), int(w), int(h)))]
+
     def setup(self, device: str) -> None:
         c = self.config
         if c["model"]:

@@ -36,7 +36,8 @@ class Reconstruct(Op):
     params = {
         "mapper": Param("incremental", "pycolmap's incremental_mapping (COLMAP) or global_mapping (GLOMAP)", MAPPERS),
         "min_images": Param(3, "fewer images with features than this: the scene is an error"),
-        "threads": Param(1, "threads of the mapper (-1: all cores; workers already run scenes in parallel)"),
+        "threads": Param(-1, "threads of the mapper (-1: all cores; Ceres threads only bundle adjustments of "
+                         "more than 50,000 residuals, so small scenes in parallel never oversubscribe)"),
         "depth_column": Param(None, "column of metric depth maps (.npy metres or 16-bit PNG millimetres) for the scale",
                               types=(str, type(None))),
         "position_columns": Param(None, "columns of known camera positions in metres, e.g. [x, y, z] (GPS in a local "

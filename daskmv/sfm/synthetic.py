@@ -205,3 +205,28 @@ def read_truth(folder: str | os.PathLike) -> dict[str, Camera]:
     """The true cameras :func:`write_scene` wrote, by image file name."""
     doc = json.loads((Path(folder) / "cameras.json").read_text())
     return {name: Camera(c["width"], c["height"], c["f"], np.array(c["R"]), np.array(c["t"])) for name, c in doc.items()}
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m daskmv.sfm.synthetic FOLDER [--views N] [--seed S] [--depth]``: a scene and its manifest."""
+    import argparse
+    import csv
+
+    ap = argparse.ArgumentParser(description="Render a synthetic room with known cameras and write photos.csv.")
+    ap.add_argument("folder")
+    ap.add_argument("--views", type=int, default=12)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--arc", type=float, default=90.0, help="degrees of the orbit the views cover")
+    ap.add_argument("--depth", action="store_true", help="also write metric depth maps (a `depth` column)")
+    args = ap.parse_args(argv)
+    rows = write_scene(Path(args.folder) / "images", n=args.views, seed=args.seed, depth=args.depth, arc_deg=args.arc)
+    manifest = Path(args.folder) / "photos.csv"
+    with open(manifest, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    print(f"wrote {len(rows)} views and {manifest}")
+
+
+if __name__ == "__main__":
+    main()
