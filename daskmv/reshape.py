@@ -132,12 +132,20 @@ class Group(Reshape):
         order = np.arange(table.num_rows)
         work = table.drop_columns([by]).append_column("_key", key).append_column("_order", pa.array(order))
         others = [c for c in table.column_names if c not in (by,)]
-        grouped = work.group_by("_key", use_threads=False).aggregate(
-            [("_order", "min")] + [(c, "list") for c in others])
+        grouped = work.select(["_key", "_order"]).group_by("_key", use_threads=False).aggregate(
+            [("_order", "min"), ("_order", "list")])
         grouped = grouped.take(pc.sort_indices(grouped.column("_order_min")))
         keys = grouped.column("_key")
         firsts = grouped.column("_order_min").to_numpy()
-        errors = grouped.column(f"{UPSTREAM_ERROR}_list")
+        members = grouped.column("_order_list").combine_chunks()  # row numbers of each group, in manifest order
+        take = pc.list_flatten(members)
+        offsets = np.concatenate([[0], np.cumsum(pc.list_value_length(members).to_numpy(zero_copy_only=False))])
+
+        def listed(name: str) -> pa.Array:  # any column type, lists and structs too (hash_list has no kernel)
+            values = table.column(name).take(take).combine_chunks()
+            return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), values)
+
+        errors = listed(UPSTREAM_ERROR)
         n = pc.list_value_length(errors)
         ok = pc.subtract(n, _count_non_null(errors))
         first = pc.fill_null(pc.list_element(pc.fill_null(errors, pa.scalar([""], errors.type)), 0), "")
@@ -146,12 +154,12 @@ class Group(Reshape):
                                                        pa.scalar(" rows of this group failed upstream (first: "),
                                                        first, pa.scalar(")"), ""),
                            pa.nulls(len(keys), pa.string()))
-        columns = {"id": keys, by: table.column(by).take(pa.array(firsts)), "ids": grouped.column("id_list"),
+        columns = {"id": keys, by: table.column(by).take(pa.array(firsts)), "ids": listed("id"),
                    "n": n, "n_ok": ok}
         for c in others:
             if c in ("id", UPSTREAM_ERROR):
                 continue
-            columns[c] = grouped.column(f"{c}_list")
+            columns[c] = listed(c)
         columns["errors"] = errors
         columns[UPSTREAM_ERROR] = whole
         return pa.table(columns)

@@ -307,3 +307,15 @@ def test_group_of_one_scene_per_row_and_all_failed():
     table = pa.table({"id": ["x", "y"], "scene": ["s", "s"], "upstream_error": ["bad", "worse"]})
     out = Group(by="scene").run(table).to_pylist()
     assert out[0]["n_ok"] == 0 and out[0]["upstream_error"] == "all 2 rows of this group failed upstream (first: bad)"
+
+
+def test_group_lists_columns_of_any_type_including_lists():
+    """Pairs made without consuming an embedding carry list<float> columns; grouping them used to fail
+    ("hash_list has no kernel" for list inputs)."""
+    table = pa.table({"id": ["x", "y", "z"], "scene": ["s", "t", "s"],
+                      "vec": pa.array([[1.0, 2.0], None, [3.0]], pa.list_(pa.float32())),
+                      "meta": pa.array([{"k": 1}, {"k": 2}, {"k": 3}])})
+    out = Group(by="scene").run(table).to_pylist()
+    assert [row["id"] for row in out] == ["s", "t"]
+    assert out[0]["vec"] == [[1.0, 2.0], [3.0]] and out[1]["vec"] == [None]
+    assert out[0]["meta"] == [{"k": 1}, {"k": 3}] and out[0]["ids"] == ["x", "z"]
