@@ -451,3 +451,12 @@ def test_global_descriptors_rank_overlapping_views_first(tmp_path):
     embed.setup("cpu")
     out = embed.process([{"image": images[0]}])[0]["global"]
     assert out.shape == (48,) and np.linalg.norm(out) == pytest.approx(1.0)
+
+
+def test_ransac_trials_are_bounded_by_the_smallest_acceptable_geometry():
+    from daskmv.sfm.match import ransac_trials
+
+    assert ransac_trials(15, 15) == 100  # all must be inliers: pycolmap's minimum (fewer is refused by its check)
+    assert 2000 < ransac_trials(35, 15) < 3000  # (15/35)^7 -> about 2,550 trials for 99.9 %
+    assert ransac_trials(60, 15) == 10000 and ransac_trials(50_000, 15) == 10000  # no bound: COLMAP's cap
+    assert ransac_trials(16, 15) >= 100

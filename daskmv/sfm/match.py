@@ -135,9 +135,12 @@ def ransac_trials(n: int, min_inliers: int, confidence: float = 0.999, most: int
     chance matches, a third of a retrieval's candidates) would otherwise run all 10,000 trials (0.3 s) to
     conclude so. With 35 putatives, 2,550 trials already find any geometry worth keeping."""
     ratio = min(1.0, min_inliers / max(n, 1))
-    if ratio >= 1.0:
-        return 1
-    needed = math.log(1 - confidence) / math.log(1 - ratio**7)
+    if ratio >= 1.0:  # every putative must be an inlier: RANSAC's own minimum is plenty (and what it checks)
+        return min(most, 100)
+    per_trial = -math.log1p(-(ratio**7))  # 0 when the ratio is tiny (thousands of putatives): no bound
+    if per_trial <= 0:
+        return most
+    needed = -math.log1p(-confidence) / per_trial
     return int(min(most, max(100, math.ceil(needed))))
 
 
