@@ -367,6 +367,12 @@ class _Runner:
     def run(self, binding: dict[str, Any], partition_rows: int | None) -> RunResult:
         t0 = time.perf_counter()
         workers = worker_summary(self.client)
+        if workers["workers"] == 0:  # a worker being replaced (its nanny restarts it) is back in seconds
+            try:
+                self.client.wait_for_workers(1, timeout=min(30.0, self.opts.worker_wait))
+            except (TimeoutError, OSError):
+                pass
+            workers = worker_summary(self.client)
         if workers["workers"] == 0:
             raise RunError("the cluster has no workers")
         resources = self._resources(workers)

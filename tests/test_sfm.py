@@ -388,12 +388,12 @@ def test_retrieval_and_auto_pairs_grow_with_n_times_k():
 
 
 def test_the_global_mapper_with_known_camera_positions_gives_a_metric_model(room, client, tmp_path, run_opts):
-    """GLOMAP instead of COLMAP's incremental mapper, and GPS-like positions (5 cm noise) as the metric cue."""
+    """GLOMAP instead of COLMAP's incremental mapper, and RTK-GPS-like positions (2 cm noise) as the metric cue."""
     truth = synthetic.read_truth(room / "images")
     frame = pd.read_csv(room / "photos.csv")
     rng = np.random.default_rng(3)
     centres = np.array([truth[os.path.basename(p)].center for p in frame["path"]])
-    frame[["x", "y", "z"]] = centres + 0.05 * rng.standard_normal(centres.shape)
+    frame[["x", "y", "z"]] = centres + 0.02 * rng.standard_normal(centres.shape)
     frame.drop(columns=["depth"]).to_csv(tmp_path / "photos.csv", index=False)
     spec = [{"sfm": {"reconstruct": {"mapper": "global", "position_columns": ["x", "y", "z"]}}}]
     r = daskmv.run(str(tmp_path / "photos.csv"), spec, str(tmp_path / "recon"), client=client, **run_opts)
@@ -430,17 +430,20 @@ def test_global_descriptors_rank_overlapping_views_first(tmp_path):
     from daskmv.sfm.retrieval import GlobalDescriptor
 
     scene = synthetic.room(9)
-    images = [synthetic.render(scene, cam)[0] for cam in synthetic.orbit(16, seed=9, width=320, height=240)]
+    n = 24  # 15 degrees apart around the room
+    images = [synthetic.render(scene, cam)[0] for cam in synthetic.orbit(n, seed=9, width=320, height=240)]
     features = Features(max_features=2000)
     features.setup("cpu")
     vlad = GlobalDescriptor()
     vectors = np.array([vlad.process([{"descriptors": features.process([{"image": im}])[0]["descriptors"]}])[0]["global"]
                         for im in images])
-    assert vectors.shape == (16, 256) and np.allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-5)
+    assert vectors.shape == (n, 256) and np.allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-5)
     sim = vectors @ vectors.T
     np.fill_diagonal(sim, -1)
-    ring = np.abs((sim.argmax(1) - np.arange(16) + 8) % 16 - 8)  # distance along the loop to the nearest
-    assert (ring <= 2).mean() >= 0.8, ring
+    top3 = np.argsort(-sim, axis=1)[:, :3]
+    ring = np.abs((top3 - np.arange(n)[:, None] + n // 2) % n - n // 2)  # steps along the loop
+    assert (ring[:, 0] <= 2).mean() >= 0.8, ring[:, 0]  # the nearest is a near view (0.875 measured)
+    assert (ring == 1).any(axis=1).mean() >= 0.85, ring  # an adjacent view among the 3 nearest (0.92 measured)
 
     class Pool(torch.nn.Module):
         def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -255,4 +255,4 @@ def best_pair_view(images: list[SceneImage], pairs: list[ScenePair]) -> np.ndarr
         if data is None:
             data = np.zeros((max(im.height, 1), max(im.width, 1), 3), np.uint8)
         pictures.append(cv2.cvtColor(data, cv2.COLOR_BGR2RGB))
-    return draw.match_picture(pictures[0], a.keypoints, pictures[1], b.keypoints, pair.matches, height=240)
+    return draw.match_picture(pictures[0], a.keypoints, pictures[1], b.keypoints, pair.matches, height=240, most=100)
