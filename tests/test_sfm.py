@@ -230,7 +230,9 @@ def test_tiling_bounds_the_extractors_memory_by_the_tile(tmp_path):
 
     whole, tiled = peak(0), peak(1000)
     assert tiled < whole / 3, (whole, tiled)
-    assert tiled < 300 * 1024 * 1024 * 1.0, tiled  # ~260 bytes per pixel of a 1024 x 1024 tile, not of 2400 x 1800
+    # bounded by a 1024 x 1024 tile's scale space (~260 bytes a pixel) and the extractor's own buffers, not by
+    # the 2400 x 1800 image's (measured 156-317 MB tiled, 830-950 MB whole)
+    assert tiled < 400 * 1024 * 1024, tiled
 
 
 def test_match_alone_over_a_pair_manifest_draws_its_verified_matches(client, tmp_path, run_opts):
