@@ -465,3 +465,13 @@ def test_ransac_trials_are_bounded_by_the_smallest_acceptable_geometry():
     assert 2000 < ransac_trials(35, 15) < 3000  # (15/35)^7 -> about 2,550 trials for 99.9 %
     assert ransac_trials(60, 15) == 10000 and ransac_trials(50_000, 15) == 10000  # no bound: COLMAP's cap
     assert ransac_trials(16, 15) >= 100
+
+
+def test_the_scene_maker_writes_a_manifest_whose_paths_resolve_beside_it(tmp_path, monkeypatch):
+    """`python -m daskmv.sfm.synthetic FOLDER` (what `make demo` runs) from another working directory."""
+    monkeypatch.chdir(tmp_path)
+    synthetic.main(["scenes/room", "--views", "3", "--depth"])
+    frame = pd.read_csv(tmp_path / "scenes/room/photos.csv")
+    assert len(frame) == 3 and not frame["path"].str.startswith(("/", "scenes")).any()
+    for column in ("path", "depth"):
+        assert all((tmp_path / "scenes/room" / p).is_file() for p in frame[column])

@@ -221,6 +221,10 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     rows = write_scene(Path(args.folder) / "images", n=args.views, seed=args.seed, depth=args.depth, arc_deg=args.arc)
     manifest = Path(args.folder) / "photos.csv"
+    for row in rows:  # paths in a manifest resolve against its own folder
+        for key in ("path", "depth"):
+            if key in row:
+                row[key] = os.path.relpath(row[key], args.folder)
     with open(manifest, "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
         writer.writeheader()
