@@ -655,19 +655,16 @@ def _load_list(values: list[Any], column: str, kinds: frozenset[str], task: Part
                arrays: dict[str, Any]) -> Row:
     """A list column's inputs as lists, in order: None for an empty member, the same object for a reference
     that occurs twice (a group of pairs names each image's features once per pair)."""
-    seen: dict[str, Any] = {}
+    seen: dict[str, Row] = {}
     out: dict[str, list[Any]] = {f"{kind}:{column}": [] for kind in kinds}
     for value in values:
         if value is None or not isinstance(value, str) or not value:
             for key in out:
                 out[key].append(None)
             continue
-        if "array" not in kinds and value in seen:
-            got = seen[value]
-        else:
-            got = _load_value(value, column, kinds, task, arrays)
-            if "array" not in kinds:
-                seen[value] = got
+        if value not in seen:
+            seen[value] = _load_value(value, column, kinds, task, arrays)
+        got = seen[value]
         for key in out:
             out[key].append(got[key])
     return out

@@ -271,6 +271,10 @@ class Pairs(Reshape):
             what = "the embedding column" if self.config["mode"] != "column" else "the list of candidate ids"
             raise PipelineError(f"step 'pairs': mode {self.config['mode']!r} needs column=<{what}>")
 
+    def consumed_column(self) -> str | None:
+        """The embedding column this step reads and does not copy onto the pair rows (None: none)."""
+        return self.config["column"] if self.config["mode"] in EMBEDDING_MODES else None
+
     def check(self, columns: list[str]) -> None:
         by = None if self.config["default_group"] is not None else self.config["by"]
         _need(self.name, columns, by, self.config["column"] if self.config["mode"] != "exhaustive" else None)
@@ -286,7 +290,7 @@ class Pairs(Reshape):
         columns: dict[str, Any] = {"id": ids}
         if by:
             columns[by] = left.column(by)
-        consumed = self.config["column"] if self.config["mode"] in EMBEDDING_MODES else None
+        consumed = self.consumed_column()
         for name in table.column_names:
             if name in (by, UPSTREAM_ERROR, consumed):
                 continue

@@ -39,7 +39,7 @@ from daskmv.errors import StoreError, TooManyRowErrors, UsageError
 from daskmv.manifest import Manifest, read_manifest
 from daskmv.pipeline import Plan, Stage
 from daskmv.progress import RunProgress
-from daskmv.reshape import EMBEDDING_MODES, UPSTREAM_ERROR, Explode, Group, Pairs
+from daskmv.reshape import UPSTREAM_ERROR, Explode, Group, Pairs
 from daskmv.store import LAYOUT, MANIFEST, OWNED, RUN_JSON, STAGES, Store, now
 
 if TYPE_CHECKING:
@@ -136,7 +136,7 @@ def _columns_after(reshape: Any, columns: list[str] | None) -> list[str] | None:
         return ["id", by, "ids", "n", "n_ok", *[c for c in rest if c != by], "errors", UPSTREAM_ERROR]
     if isinstance(reshape, Pairs):
         by = reshape.config["by"]
-        consumed = reshape.config["column"] if reshape.config["mode"] in EMBEDDING_MODES else None
+        consumed = reshape.consumed_column()
         sides = [f"{c}_{s}" for c in ["id", *[c for c in rest if c not in (by, consumed)]] for s in "ab"]
         return ["id", *([by] if by else []), *sides, UPSTREAM_ERROR]
     return None
