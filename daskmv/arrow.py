@@ -17,7 +17,8 @@ import pyarrow as pa
 
 
 def array(values: Sequence[Any] | np.ndarray, type: pa.DataType) -> pa.Array:
-    """``pa.array(values, type)`` for string, boolean, integer and floating-point ``type``s, and lists of numbers.
+    """``pa.array(values, type)`` for string, boolean, integer and floating-point ``type``s, and lists of numbers
+    or booleans.
 
     None is null; NaN stays a NaN value in floating-point arrays, as with ``pa.array`` of a list.
     """
@@ -51,5 +52,12 @@ def array(values: Sequence[Any] | np.ndarray, type: pa.DataType) -> pa.Array:
         np.cumsum([len(p) for p in parts], out=offsets[1:])
         flat = np.concatenate(parts) if parts else np.zeros(0, dtype)
         child = pa.Array.from_buffers(type.value_type, len(flat), [None, pa.py_buffer(flat)])
+        return pa.Array.from_buffers(type, n, [validity, pa.py_buffer(offsets)], nulls, children=[child])
+    if pa.types.is_list(type) and pa.types.is_boolean(type.value_type):
+        parts = [np.asarray(v, dtype=bool).ravel() if v is not None else np.zeros(0, bool) for v in values]
+        offsets = np.zeros(n + 1, dtype=np.int32)
+        np.cumsum([len(p) for p in parts], out=offsets[1:])
+        flat = np.concatenate(parts) if parts else np.zeros(0, bool)
+        child = pa.Array.from_buffers(type.value_type, len(flat), [None, pa.py_buffer(np.packbits(flat, bitorder="little"))])
         return pa.Array.from_buffers(type, n, [validity, pa.py_buffer(offsets)], nulls, children=[child])
     raise TypeError(f"no Arrow array of type {type} from Python values here")

@@ -1,10 +1,10 @@
 """The final manifest, written part by part, in manifest order, as partitions finish.
 
-``manifest.parquet`` (and ``manifest.csv`` for CSV inputs) and ``errors.log`` are written to temporary
-names and renamed when the last part is in, so a reader sees the previous manifest or the new one,
-never half of one. On local disks every file is fsynced before any rename, ``manifest.parquet`` is
-renamed last (when it is new, so are its twins) and the folder is fsynced after. Memory stays at one
-partition whatever the manifest's size.
+``manifest.parquet`` (and ``manifest.csv`` for CSV inputs) and ``errors.log`` (its format: see
+:mod:`daskmv.failures`) are written to temporary names and renamed when the last part is in, so a reader
+sees the previous manifest or the new one, never half of one. On local disks every file is fsynced before
+any rename, ``manifest.parquet`` is renamed last (when it is new, so are its twins) and the folder is
+fsynced after. Memory stays at one partition whatever the manifest's size.
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
+
+from daskmv.failures import HEADER, log_lines
 
 if TYPE_CHECKING:
     from daskmv.store import Store
@@ -57,9 +59,14 @@ class ManifestWriter:
         if self.csv:
             self._csv = pacsv.CSVWriter(self._files[MANIFEST_CSV], _csv_schema(schema))
         self._errors = self._files[ERRORS_LOG]
+        self._errors.write(HEADER.encode())
 
-    def add(self, table: pa.Table) -> None:
-        """Append one partition's rows (status, error and id columns are required)."""
+    def add(self, table: pa.Table, info: dict[str, Any] | None = None) -> None:
+        """Append one partition's rows (status, error and id columns are required).
+
+        ``info`` says when and where the rows were made, for errors.log: ``time`` and ``worker`` (see
+        :func:`daskmv.failures.origin`; ``-`` without), or ``by_id`` per row (:func:`daskmv.failures.log_lines`).
+        """
         if self._parquet is None:
             self._open(self.schema or table.schema)
         assert self.schema is not None and self._parquet is not None
@@ -79,7 +86,7 @@ class ManifestWriter:
         self.counts["ok"] += status.count("ok")
         self.counts["error"] += errors
         if errors:
-            self._errors.write(_error_lines(table).encode())
+            self._errors.write(log_lines(table, info).encode())
 
     def _close(self) -> None:
         writers, self._parquet, self._csv = (self._parquet, self._csv), None, None
@@ -164,13 +171,3 @@ def _csv_table(table: pa.Table) -> pa.Table:
         cols.append(col)
     return pa.Table.from_arrays(cols, schema=schema)
 
-
-def _error_lines(table: pa.Table) -> str:
-    ids = table.column("id").to_pylist()
-    errors = table.column("error").to_pylist()
-    lines = []
-    for row_id, message in zip(ids, errors):
-        if message:
-            op, _, text = message.partition(": ")
-            lines.append(f"{row_id}\t{op}\t{text}".replace("\n", " ") + "\n")
-    return "".join(lines)

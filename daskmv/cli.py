@@ -30,7 +30,7 @@ CONFIG_KEYS = {
     "pipeline", "out", "cluster", "workers", "threads_per_worker", "partition_rows", "batch_size",
     "decode_threads", "decode_scale", "path_column", "id_column", "limit", "overwrite", "retry_errors", "retries",
     "retry_delay", "window", "require_gpu", "progress", "storage_options", "cluster_kwargs", "export",
-    "max_error_rate", "worker_wait", "partition_by",
+    "max_error_rate", "worker_wait", "partition_by", "workers_per_gpu", "tuning",
 }
 
 
@@ -67,6 +67,10 @@ def run(
     out_dir: Optional[str] = typer.Option(None, "--out", "-o", help="Output root (path or fsspec URL)."),
     cluster: Optional[str] = typer.Option(None, help="'local' (default) or a scheduler address tcp://host:port."),
     workers: Optional[int] = typer.Option(None, help="Local worker processes (default: one per core, or per GPU)."),
+    workers_per_gpu: Optional[str] = typer.Option(None, "--workers-per-gpu", help="GPU worker processes per GPU: N, "
+                                                  "or auto (add one at a time while each fits and adds throughput)."),
+    threads_per_worker: Optional[int] = typer.Option(None, "--threads-per-worker", help="Threads per worker "
+                                                     "process (default 1)."),
     partition_rows: Optional[int] = typer.Option(None, help="Rows per task (default: automatic, at most 256)."),
     batch_size: Optional[int] = typer.Option(None, help="Rows per micro-batch inside a task (default 32; a batch "
                                              "also ends at 4 MB of decoded images, 256 MB on a GPU)."),
@@ -102,6 +106,7 @@ def run(
             "id_column": id_column, "limit": limit, "retries": retries, "decode_threads": decode_threads,
             "decode_scale": decode_scale,
             "progress": progress, "export": export, "max_error_rate": max_error_rate, "partition_by": partition_by,
+            "workers_per_gpu": workers_per_gpu, "threads_per_worker": threads_per_worker,
         }
         settings.update({k: v for k, v in flags.items() if v is not None})
         for key, value in (("overwrite", overwrite), ("retry_errors", retry_errors), ("require_gpu", require_gpu)):
@@ -240,8 +245,15 @@ def status(
                             "(partitions written twice, attempts killed mid-write)."),
     grace: Optional[float] = typer.Option(None, help="With --gc: an attempt whose lease was refreshed in the "
                                           "last GRACE seconds (default 300) may still be running and is kept."),
+    errors: bool = typer.Option(False, "--errors", help="Also list the failed rows (errors.log) and failed "
+                                "partition attempts, grouped by kind, most frequent first."),
 ) -> None:
-    """Done, failed and pending rows of an output root: during a run, after it, or after a crash."""
+    """Done, failed and pending rows of an output root: during a run, after it, or after a crash.
+
+    With --errors, also every failed row (and failed partition attempt) grouped by kind: count, kind (op and
+    exception type), a message, when, which workers, example ids.
+    """
+    from daskmv.failures import failed_attempts, group_failures, iter_failures
     from daskmv.store import LEASE_TIMEOUT, Store
 
     try:
@@ -252,6 +264,8 @@ def status(
             if grace < 0:
                 raise UsageError(f"--grace {grace}: must be at least 0 seconds")
             info["garbage"] = store.collect_garbage(lease_timeout=grace)
+        if errors:
+            info["errors"] = group_failures(iter_failures(store), failed_attempts(store))
     except DaskmvError as exc:
         raise _fail(exc) from None
     except (OSError, TypeError) as exc:  # the filesystem would not open (missing or wrong storage options)
@@ -273,6 +287,52 @@ def status(
         garbage = info["garbage"]
         out.print(f"garbage: removed {len(garbage['attempts']):,} attempt(s), {garbage['bytes'] / 1e6:,.1f} MB",
                   highlight=False)
+    if errors:
+        _print_errors(info["errors"])
+
+
+def _print_errors(groups: list[dict[str, Any]]) -> None:
+    """The failure groups of ``daskmv status --errors``: failed rows, then failed partition attempts."""
+    for level in ("row", "partition"):
+        mine = [g for g in groups if g["level"] == level]
+        if not mine and level == "partition":
+            continue
+        count = sum(g["count"] for g in mine)
+        if level == "row":
+            title = f"{count:,} failed row(s) in {len(mine)} kind(s)" if mine else "no failed rows"
+        else:
+            title = f"{count:,} failed partition attempt(s) in {len(mine)} kind(s)"
+        out.print(f"[bold]{title}[/]", highlight=False)
+        if not mine:
+            continue
+        table = Table(show_lines=True)
+        table.add_column("rows" if level == "row" else "attempts", justify="right", no_wrap=True)
+        table.add_column("kind, message, " + ("example ids" if level == "row" else "partitions"), ratio=1,
+                         overflow="fold")
+        table.add_column("first / last (UTC)", no_wrap=True)
+        table.add_column("workers", no_wrap=True)
+        for g in mine:
+            what = f"[bold]{escape(g['kind'])}[/]\n{escape(_detail(g['kind'], g['message']))}"
+            if g["ids"]:
+                what += f"\n[dim]{escape(', '.join(g['ids']))}[/]"
+            when = "\n".join(dict.fromkeys(_short_time(t) for t in (g["first"], g["last"]) if t)) or "-"
+            workers = g["workers"][:4] + ([f"and {len(g['workers']) - 4} more"] if len(g["workers"]) > 4 else [])
+            table.add_row(f"{g['count']:,}", what, when, escape("\n".join(workers) or "-"))
+        out.print(table)
+
+
+def _detail(kind: str, message: str) -> str:
+    """A group's message without what its kind already says (``read: ``, ``op: ValueError: ``)."""
+    op, _, exc = kind.partition(": ")
+    for prefix in (f"{kind}: ", f"{op}: ", f"{exc}: "):
+        if prefix != ": " and message.startswith(prefix):
+            return message[len(prefix):]
+    return message
+
+
+def _short_time(stamp: str) -> str:
+    """``2025-01-07 10:42:13`` of an ISO time stamp (seconds are enough on a terminal)."""
+    return stamp.replace("T", " ")[:19]
 
 
 @app.command("ops")

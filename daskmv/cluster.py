@@ -178,8 +178,11 @@ WORKER_CONFIG = {"distributed.worker.profile.enabled": os.environ.get(
     "DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED", "False").lower() in ("1", "true", "yes")}
 
 
-def local_cluster(workers: int | None = None, threads_per_worker: int = 1, **kwargs: Any) -> Any:
-    """LocalCUDACluster (one worker per GPU) when GPUs are present, else a LocalCluster of processes."""
+def local_cluster(workers: int | None = None, threads_per_worker: int = 1, workers_per_gpu: int | str | None = None,
+                  **kwargs: Any) -> Any:
+    """LocalCUDACluster (one worker per GPU) when GPUs are present, else a LocalCluster of processes; with
+    ``workers_per_gpu`` N > 1 (or ``auto``, which starts at one and grows, see :mod:`daskmv.fit`), a
+    :class:`SharedGPUCluster` of N worker processes per GPU."""
     kwargs.setdefault("dashboard_address", _dashboard_address())
     # Worker processes log only CRITICAL: the driver reports every failed partition (tracebacks are kept in
     # run.json), and what is left at ERROR is teardown noise, such as a heartbeat to a scheduler that just
@@ -194,7 +197,7 @@ def local_cluster(workers: int | None = None, threads_per_worker: int = 1, **kwa
         # Variables removed since then stay removed only from this process.
         kwargs.setdefault("env", {k: v for k, v in os.environ.items() if k not in WORKER_MALLOC_ENV})
     with dask.config.set(settings):
-        return _start_local(workers, threads_per_worker, **kwargs)
+        return _start_local(workers, threads_per_worker, workers_per_gpu, **kwargs)
 
 
 def start_fork_server() -> bool:
@@ -223,8 +226,12 @@ def start_fork_server() -> bool:
     return True
 
 
-def _start_local(workers: int | None, threads_per_worker: int, **kwargs: Any) -> Any:
+def _start_local(workers: int | None, threads_per_worker: int, workers_per_gpu: int | str | None = None,
+                 **kwargs: Any) -> Any:
     n_gpus = gpu_count()
+    if n_gpus and workers_per_gpu is not None and (workers_per_gpu == "auto" or int(workers_per_gpu) > 1):
+        per_gpu = 1 if workers_per_gpu == "auto" else int(workers_per_gpu)
+        return SharedGPUCluster(n_gpus, workers or n_gpus * per_gpu, threads_per_worker=threads_per_worker, **kwargs)
     if n_gpus:
         try:
             from dask_cuda import LocalCUDACluster
@@ -238,12 +245,41 @@ def _start_local(workers: int | None, threads_per_worker: int, **kwargs: Any) ->
                         processes=True, **kwargs)
 
 
+class SharedGPUCluster(LocalCluster):
+    """Worker processes that share GPUs: each new worker goes to the GPU with the fewest (``DASKMV_GPU`` in its
+    environment) and declares the resource ``GPU=1``, so every worker takes GPU tasks. It grows and shrinks
+    with :meth:`scale` like any LocalCluster (dask-cuda's LocalCUDACluster puts every worker beyond the first
+    per GPU on GPU 0); several processes on one device overlap one's host work with another's kernels."""
+
+    def __init__(self, n_gpus: int, n_workers: int, threads_per_worker: int = 1, **kwargs: Any) -> None:
+        self.n_gpus = n_gpus
+        super().__init__(n_workers=0, threads_per_worker=threads_per_worker, processes=True,
+                         resources={"GPU": 1}, **kwargs)
+        self.scale(n_workers)
+
+    def new_worker_spec(self) -> dict[Any, dict[str, Any]]:
+        import copy
+
+        (name, spec), = super().new_worker_spec().items()
+        spec = copy.deepcopy(spec)
+        held = [int(w["options"].get("env", {}).get(GPU_ENV, -1)) for w in self.worker_spec.values()]
+        gpu = min(range(self.n_gpus), key=lambda g: (held.count(g), g))
+        spec["options"]["env"] = {**(spec["options"].get("env") or {}), GPU_ENV: str(gpu)}
+        return {name: spec}
+
+    def workers_per_gpu(self) -> dict[int, int]:
+        """How many workers each GPU has in the cluster's plan."""
+        held = [int(w["options"]["env"][GPU_ENV]) for w in self.worker_spec.values()]
+        return {g: held.count(g) for g in range(self.n_gpus)}
+
+
 @contextlib.contextmanager
 def connect(
     cluster: str | Client | None = "local",
     *,
     workers: int | None = None,
     threads_per_worker: int = 1,
+    workers_per_gpu: int | str | None = None,
     note: Callable[[str], None] = log.info,
     **cluster_kwargs: Any,
 ) -> Iterator[Client]:
@@ -254,8 +290,13 @@ def connect(
         return
     cluster = cluster or "local"
     if cluster == "local":
-        with local_cluster(workers, threads_per_worker, **cluster_kwargs) as lc, Client(lc) as client:
-            note(f"started {type(lc).__name__} with {len(lc.workers)} worker(s); dashboard: {client.dashboard_link}")
+        with local_cluster(workers, threads_per_worker, workers_per_gpu, **cluster_kwargs) as lc, Client(lc) as client:
+            if isinstance(lc, SharedGPUCluster):
+                client.wait_for_workers(len(lc.worker_spec), timeout=120)
+                note(f"started {len(lc.worker_spec)} worker(s) on {lc.n_gpus} GPU(s) ({lc.workers_per_gpu()} per GPU); "
+                     f"dashboard: {client.dashboard_link}")
+            else:
+                note(f"started {type(lc).__name__} with {len(lc.workers)} worker(s); dashboard: {client.dashboard_link}")
             yield client
         return
     if cluster == "slurm" or cluster.startswith("slurm:"):

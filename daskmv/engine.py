@@ -37,6 +37,7 @@ from distributed import Client
 from daskmv.assemble import ManifestWriter, SchemaMismatch
 from daskmv.cluster import connect, start_fork_server, worker_summary
 from daskmv.errors import OutputRootError, RunError, SetupFailed, StoreError, TooManyRowErrors, UsageError
+from daskmv.failures import origin, parse_log
 from daskmv.manifest import Manifest, read_manifest
 from daskmv.ops.image import DECODE_SCALES
 from daskmv.partition import SETUP_ATTEMPTS, OpCache, PartitionTask, failed_partition_table, run_partition
@@ -82,6 +83,12 @@ class RunOptions:
     max_error_rate: float = DEFAULT_MAX_ERROR_RATE
     worker_wait: float = 600.0
     partition_by: str | None = None
+    #: GPU worker processes per GPU of a local cluster: N, or "auto" (grow while each new one fits and adds
+    #: throughput, see :mod:`daskmv.fit`); None: one per GPU. No effect without GPUs.
+    workers_per_gpu: int | str | None = None
+    #: The settings table of ``daskmv tune`` whose best row these options are (kept in run.json, charted in the
+    #: report); never read by the run itself.
+    tuning: dict[str, Any] | None = None
 
     def check(self) -> None:
         """Refuse any option a run cannot honour, with one line saying which and why (before anything is written)."""
@@ -110,6 +117,14 @@ class RunOptions:
                 raise UsageError(f"{name}: must be a mapping, not {getattr(self, name)!r}")
         if not isinstance(self.path_column, str) or not self.path_column:
             raise UsageError(f"--path-column {self.path_column!r}: must be a column name")
+        per_gpu = self.workers_per_gpu
+        if isinstance(per_gpu, str) and per_gpu.isdigit():
+            self.workers_per_gpu = per_gpu = int(per_gpu)
+        if per_gpu is not None and per_gpu != "auto" and (
+                not isinstance(per_gpu, int) or isinstance(per_gpu, bool) or per_gpu < 1):
+            raise UsageError(f"--workers-per-gpu {per_gpu!r}: must be a whole number of at least 1, or auto")
+        if self.tuning is not None and not isinstance(self.tuning, dict):
+            raise UsageError(f"tuning: must be a mapping (what daskmv tune writes), not {self.tuning!r}")
 
 
 def _flag(name: str) -> str:
@@ -229,14 +244,32 @@ def _run(manifest: str | Manifest, pipeline: str | Pipeline | list[Any], out: st
             previous = store.prepare(binding, opts.overwrite)
             partition_rows = _known_partition_rows(previous, opts.partition_rows)
             with connect(client or opts.cluster, workers=opts.workers, threads_per_worker=opts.threads_per_worker,
-                         note=progress.note, **opts.cluster_kwargs) as c:
+                         workers_per_gpu=opts.workers_per_gpu, note=progress.note, **opts.cluster_kwargs) as c:
+                fitted = _fit_workers(c, manifest, pipeline, opts, progress.note)
                 runner = _Runner(c, manifest, pipeline, store, opts, progress)
+                runner.workers_fit = fitted
                 return runner.run(binding, partition_rows)
     finally:
         try:
             store.release_lock()
         except OSError:
             pass
+
+
+def _fit_workers(client: Client, manifest: Manifest, pipeline: Pipeline, opts: RunOptions,
+                 note: Any) -> dict[str, Any] | None:
+    """``--workers-per-gpu auto`` on a cluster this run started: grow it before the run (see :mod:`daskmv.fit`)."""
+    from daskmv.cluster import SharedGPUCluster
+
+    if opts.workers_per_gpu != "auto":
+        return None
+    cluster = getattr(client, "cluster", None)
+    if not isinstance(cluster, SharedGPUCluster):
+        note("note: --workers-per-gpu auto needs GPUs and a local cluster; running with the workers there are")
+        return None
+    from daskmv.fit import fit_workers
+
+    return fit_workers(client, cluster, manifest, pipeline, opts, note).as_dict()
 
 
 @contextlib.contextmanager
@@ -359,6 +392,7 @@ class _Runner:
         # The final manifest is written while the run goes, in order, as partitions become ready.
         self.writer = ManifestWriter(store, csv=manifest.format == "csv")
         self.part_files: dict[int, str] = {}
+        self.part_info: dict[int, dict[str, Any]] = {}  # index -> time and worker, for errors.log
         self.ready: set[int] = set()
         self.slurm_jobs: dict[str, list[int]] = {}
         self.next_out = 0
@@ -441,6 +475,7 @@ class _Runner:
                 self._record_job(marker.info)
                 self.skipped.append(index)
                 self.part_files[index] = marker.part
+                self.part_info[index] = origin(marker.info)
                 self.progress.skip(marker.rows, marker.errors)
                 self._ready(index)
                 continue
@@ -558,6 +593,7 @@ class _Runner:
             self.failed.pop(task.index, None)
             self._record_job(marker)
             self.part_files[task.index] = marker["part"]
+            self.part_info[task.index] = origin(marker)
             self.progress.advance(marker["processed_rows"], marker["errors"])
             self._ready(task.index)
             return
@@ -609,6 +645,7 @@ class _Runner:
         else:  # a --retry-errors pass that failed: the partition's earlier rows still stand
             doc["part"] = self.store.part_file(task.index)
         self.part_files[task.index] = doc["part"]
+        self.part_info[task.index] = origin(doc)
         self.store.mark_failed(task.index, doc)
         self.progress.advance(len(rows), len(rows))
         self._ready(task.index)
@@ -625,7 +662,8 @@ class _Runner:
         while self.streaming and self.next_out in self.ready:
             try:
                 with self.store.writing("writing the manifest"):
-                    self.writer.add(self.store.read_part_file(self.part_files[self.next_out]))
+                    self.writer.add(self.store.read_part_file(self.part_files[self.next_out]),
+                                    self.part_info.get(self.next_out))
             except SchemaMismatch as exc:
                 self.progress.note(f"note: partition {self.next_out} changes the manifest's columns ({exc}); "
                                    "the manifest will be assembled at the end")
@@ -657,7 +695,11 @@ class _Runner:
                          "limit": self.manifest.limit, "columns": self.manifest.columns},
             "options": {"batch_size": self.opts.batch_size, "decode_threads": self.opts.decode_threads,
                         "retries": self.opts.retries, "retry_delay": self.opts.retry_delay,
-                        "max_error_rate": self.opts.max_error_rate},
+                        "max_error_rate": self.opts.max_error_rate, "workers": self.opts.workers,
+                        "threads_per_worker": self.opts.threads_per_worker,
+                        "workers_per_gpu": self.opts.workers_per_gpu},
+            "workers_fit": getattr(self, "workers_fit", None),
+            "tuning": self.opts.tuning,
             "cluster": {"spec": self.opts.cluster if isinstance(self.opts.cluster, str) else "client",
                         "scheduler": self.client.scheduler.address if self.client.scheduler else None, **workers},
             "versions": versions(),
@@ -673,7 +715,8 @@ class _Runner:
             else:
                 self.writer.abort()
                 files = [self.part_files[i] for i in range(self.n_partitions)]
-                counts = self.store.assemble(files, csv=self.manifest.format == "csv")
+                counts = self.store.assemble(files, csv=self.manifest.format == "csv",
+                                             infos=[self.part_info.get(i) for i in range(self.n_partitions)])
         garbage = self.store.collect_garbage()
         seconds = time.perf_counter() - t0
         rows = counts.get("rows", 0)
@@ -714,9 +757,8 @@ class _Runner:
         counter: Counter[str] = Counter()
         try:
             with self.store.open(ERRORS_LOG) as fh:
-                for line in fh.read(1 << 20).decode(errors="replace").splitlines():
-                    _, op, text = (line.split("\t", 2) + ["", ""])[:3]
-                    counter[f"{op}: {text.split(': /')[0].split(': ', 1)[0][:80]}"] += 1
+                for failure in parse_log(fh.read(1 << 20).decode(errors="replace").splitlines()):
+                    counter[f"{failure.op}: {failure.message.split(': /')[0].split(': ', 1)[0][:80]}"] += 1
         except OSError:
             return "(errors.log unreadable)"
         return "; ".join(f"{what} ({k:,} rows)" for what, k in counter.most_common(n)) or "(none logged)"

@@ -118,12 +118,40 @@ class PreparedPipeline:
     ops: list[Op]
     devices: list[str]
     loader_inputs: frozenset[str]
+    specs: list[Output] = field(default_factory=list)  # the pipeline's outputs, as the manifest holds them
+    source: int | None = None  # the frame source's position: the ops after it run per frame
     batch_limits: dict[int, int] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
-    @property
-    def specs(self) -> list[Output]:
-        return [spec for op in self.ops for spec in op.output_specs()]
+    batch_fails: dict[int, int] = field(default_factory=dict)  # the smallest batch of each op that ran out of memory
+
+    def __post_init__(self) -> None:
+        if not self.specs:
+            self.specs = [spec for op in self.ops for spec in op.output_specs()]
+
+    # -- batches that fit themselves to memory -----------------------------------------------------------
+    # After an out-of-memory error an op's batches are capped at the largest size known to fit; while a
+    # size between that and the smallest known not to fit remains, the next batch tries the middle one, so
+    # the cap converges on the largest batch that fits (a binary search, one failed batch per halving).
+    def next_batch(self, k: int, batch_size: int) -> int:
+        """How many rows op ``k`` gets in its next micro-batch."""
+        with self.lock:
+            good = self.batch_limits.get(k)
+            if good is None:
+                return max(1, batch_size)
+            bad = min(self.batch_fails.get(k, batch_size + 1), batch_size + 1)
+            return max(1, (good + bad) // 2 if bad - good > 1 else min(good, batch_size))
+
+    def did_not_fit(self, k: int, size: int) -> None:
+        with self.lock:
+            self.batch_fails[k] = min(size, self.batch_fails.get(k, size))
+            if self.batch_limits.get(k, size) >= size:
+                self.batch_limits[k] = max(1, size // 2)
+
+    def fitted(self, k: int, size: int) -> None:
+        with self.lock:
+            if k in self.batch_limits and size > self.batch_limits[k] and size < self.batch_fails.get(k, size + 1):
+                self.batch_limits[k] = size
 
     @property
     def artifact_ops(self) -> set[int]:
@@ -213,17 +241,29 @@ def _prepare(steps: list[dict[str, Any]]) -> PreparedPipeline:
     pipeline = Pipeline.from_steps(steps)
     devices = []
     for op in pipeline.ops:
-        device = _best_device() if op.gpu else "cpu"
+        device = _best_device(op.placement) if op.gpu or op.placement is not None else "cpu"
         op.setup(device)
         devices.append(device)
-    return PreparedPipeline(pipeline.ops, devices, pipeline.loader_inputs)
+    return PreparedPipeline(pipeline.ops, devices, pipeline.loader_inputs, pipeline.outputs, pipeline.frame_source)
 
 
-def _best_device() -> str:
-    """This worker's own GPU (``cuda:<i>``, see :func:`daskmv.cluster.worker_gpu`), else ``cpu``."""
+def _best_device(placement: int | None = None) -> str:
+    """This worker's own GPU (``cuda:<i>``, see :func:`daskmv.cluster.worker_gpu`), else ``cpu``; with an op's
+    ``device: p``, the p-th GPU after it (modulo the GPUs the worker sees: on one GPU, the same one)."""
     from daskmv.cluster import worker_device
 
-    return worker_device()
+    return placed_device(worker_device(), placement)
+
+
+def placed_device(own: str, placement: int | None) -> str:
+    """``own`` moved ``placement`` devices on among the worker's CUDA devices (``cpu`` stays ``cpu``)."""
+    if not placement or not own.startswith("cuda"):
+        return own
+    import torch
+
+    n = max(1, torch.cuda.device_count())
+    index = int(own.partition(":")[2] or 0)
+    return f"cuda:{(index + placement) % n}"
 
 
 def _empty_device_cache() -> None:
@@ -271,6 +311,7 @@ def _run_attempt(prepared: PreparedPipeline, task: PartitionTask, store: Store, 
                  started: str, t0: float) -> dict[str, Any]:
     """Compute the partition, write its arrays and rows under ``attempt`` and sync them; return its marker."""
     rows = task.attempted_rows()
+    _reset_device_peak()
     result = _process_rows(prepared, rows, task, store, attempt)
     table = result_table(prepared.specs, rows, result, store, task, attempt)
     failed = {row_id for row_id, error in zip(table.column("id").to_pylist(), result.errors) if error is not None}
@@ -310,6 +351,7 @@ def _run_attempt(prepared: PreparedPipeline, task: PartitionTask, store: Store, 
         "op_seconds": {op.name: round(s, 4) for op, s in zip(prepared.ops, result.op_seconds)},
         "batch_limits": {prepared.ops[k].name: v for k, v in prepared.batch_limits.items()},
         "oom_backoffs": result.oom_backoffs,
+        "peak_device_bytes": device_peak(),
         "worker": _worker_address(),
         "host": socket.gethostname(),
         "pid": os.getpid(),
@@ -470,21 +512,29 @@ def _process_batches(prepared: PreparedPipeline, records: list[Row], task: Parti
         for k, op in enumerate(prepared.ops):
             if not live:
                 break
+            if prepared.source is not None and k > prepared.source:
+                break  # these ran on the frames, inside the frame source's step
             t = time.perf_counter()
-            outs = _apply(prepared, k, [row for _, row in live], task.batch_size, res)
+            if k == prepared.source:
+                outs = [_run_frames(prepared, k, row, task, res) for _, row in live]
+                names = {o.name for later in prepared.ops[k:] for o in later.output_specs()}
+                specs = [spec for spec in prepared.specs if spec.name in names]
+            else:
+                outs = _apply(prepared, k, [row for _, row in live], task.batch_size, res)
+                specs = list(op.output_specs())
             elapsed = time.perf_counter() - t
             res.op_seconds[k] += elapsed
             artifacts = store is not None and k in prepared.artifact_ops
             still: list[tuple[int, Row]] = []
             for (i, row), out in zip(live, outs, strict=True):
                 res.seconds[i] += elapsed / len(live)
-                checked = out if isinstance(out, BaseException) else _check_outputs(op, out)
+                checked = out if isinstance(out, BaseException) else _check_outputs(op, out, specs)
                 if artifacts and not isinstance(checked, BaseException):
                     checked = _store_artifacts(op, checked, row, store, attempt, res.artifacts)
                 if isinstance(checked, BaseException):
                     res.fail(i, _format_error(op.name, checked))
                     continue
-                row.update(checked)
+                row.update(_handoff(out, checked))
                 res.record(i, checked)
                 still.append((i, row))
             live = still
@@ -687,14 +737,20 @@ def _read_reference(ref: str, task: PartitionTask) -> Any:
 
 def _apply(prepared: PreparedPipeline, k: int, rows: list[Row], batch_size: int, res: RowResults) -> list[Row | BaseException]:
     """Run op ``k`` over ``rows`` in micro-batches no larger than its (possibly reduced) limit."""
-    limit = min(batch_size, prepared.batch_limits.get(k, batch_size))
     out: list[Row | BaseException] = []
-    for start in range(0, len(rows), max(1, limit)):
-        out += _apply_batch(prepared, k, rows[start : start + limit], res)
+    start = 0
+    while start < len(rows):
+        size = prepared.next_batch(k, batch_size)
+        outs = _apply_batch(prepared, k, rows[start : start + size], res)
+        if outs is None:  # out of memory: the op's limit went down (see next_batch); the same rows again
+            continue
+        out += outs
+        start += size
     return out
 
 
-def _apply_batch(prepared: PreparedPipeline, k: int, rows: list[Row], res: RowResults) -> list[Row | BaseException]:
+def _apply_batch(prepared: PreparedPipeline, k: int, rows: list[Row], res: RowResults) -> list[Row | BaseException] | None:
+    """Op ``k`` on one micro-batch: its outputs, or None when the batch ran out of memory (run it again smaller)."""
     op = prepared.ops[k]
     try:
         outs = list(op.process(rows))
@@ -705,26 +761,139 @@ def _apply_batch(prepared: PreparedPipeline, k: int, rows: list[Row], res: RowRe
             _empty_device_cache()
             if len(rows) == 1:
                 return [RowError(f"out of memory even with a batch of one row ({type(exc).__name__}: {exc})")]
-            half = len(rows) // 2
-            with prepared.lock:
-                prepared.batch_limits[k] = min(half, prepared.batch_limits.get(k, half))
+            prepared.did_not_fit(k, len(rows))
             res.oom_backoffs += 1
-            return _apply_batch(prepared, k, rows[:half], res) + _apply_batch(prepared, k, rows[half:], res)
+            return None
         if len(rows) == 1:
             return [exc]
-        return [out for row in rows for out in _apply_batch(prepared, k, [row], res)]
+        return [out for row in rows for out in _apply_batch(prepared, k, [row], res) or ()]
     if len(outs) != len(rows):  # never shift results onto other rows' ids
         raise RuntimeError(f"op {op.name!r} returned {len(outs)} results for {len(rows)} rows: an op must "
                            "return exactly one output dict (or exception) per row, in order")
+    prepared.fitted(k, len(rows))
     return outs
 
 
-def _check_outputs(op: Op, out: Any) -> Row | BaseException:
-    """The op's declared outputs from its result, as clean values; anything missing is a row error."""
+class FrameError(RowError):
+    """An op failed on one frame of a video row: the row fails, naming the op and the frame."""
+
+    def __init__(self, op: str, index: Any, cause: BaseException) -> None:
+        super().__init__(f"frame {index}: {_format_error(op, cause).partition(': ')[2]}")
+        self.op = op
+
+
+def _run_frames(prepared: PreparedPipeline, k: int, row: Row, task: PartitionTask,
+                res: RowResults) -> Row | BaseException:
+    """Frame source ``k`` on one row: its frames, chunk by chunk, through every op after it (in micro-batches,
+    with the rows' out-of-memory back-off), the per-frame outputs stacked along a leading time axis.
+
+    Only one chunk of decoded frames is in flight beside the one the ops work on, so a long video never sits
+    in memory whole; a frame an op rejects fails the whole row (a per-video output with a hole is not one)."""
+    try:
+        outputs, chunks = prepared.ops[k].open_frames(row)
+    except Exception as exc:
+        if is_infrastructure_error(exc):
+            raise
+        return exc
+    later = range(k + 1, len(prepared.ops))
+    if not later:  # the source alone (a probe before an explode into frames): nothing to decode
+        getattr(chunks, "close", lambda: None)()
+        return outputs
+    stacks: dict[str, list[Any]] = {o.name: [] for j in later for o in prepared.ops[j].output_specs()}
+    arrays = {o.name for j in later for o in prepared.ops[j].output_specs() if o.kind == "array"}
+    texts = {o.name for j in later for o in prepared.ops[j].output_specs() if o.dtype == "json"}
+    feed = _Prefetch(chunks, _pool(task.decode_threads) if task.decode_threads > 0 else None)
+    try:
+        for frames in feed:
+            live = [{**row, **frame} for frame in frames]
+            stored: list[Row] = [{} for _ in live]
+            for j in later:
+                t = time.perf_counter()
+                outs = _apply(prepared, j, live, task.batch_size, res)
+                res.op_seconds[j] += time.perf_counter() - t
+                for frame, out, kept in zip(live, outs, stored, strict=True):
+                    checked = out if isinstance(out, BaseException) else _check_outputs(prepared.ops[j], out)
+                    if isinstance(checked, BaseException):
+                        raise FrameError(prepared.ops[j].name, frame.get("frame_index"), checked)
+                    frame.update(_handoff(out, checked))
+                    kept.update(checked)
+            for name, values in stacks.items():
+                chunk = [kept[name] for kept in stored]
+                if name in arrays:
+                    values.append(_stack(name, chunk))
+                else:  # a JSON output per frame is decoded: the row's list of them is one JSON
+                    values.append([json.loads(v) if name in texts and v is not None else v for v in chunk])
+    except Exception as exc:
+        if is_infrastructure_error(exc):
+            raise
+        return exc
+    finally:
+        feed.close()
+    for name, values in stacks.items():
+        if name in arrays:
+            outputs[name] = np.concatenate(values) if len(values) > 1 else values[0] if values else np.zeros((0,))
+        else:
+            outputs[name] = [v for chunk in values for v in chunk]
+    return outputs
+
+
+def _handoff(out: Any, checked: Row) -> Row:
+    """What the next ops of the row see: the stored values, except torch tensors, which stay as the op made
+    them (on its device: an op pinned to another GPU gets them there without a trip through the host)."""
+    return {name: out[name] if _is_tensor(out.get(name)) else value for name, value in checked.items()}
+
+
+def _is_tensor(value: Any) -> bool:
+    return type(value).__module__.startswith("torch") and hasattr(value, "detach")
+
+
+def _stack(name: str, values: list[Any]) -> np.ndarray:
+    shapes = {np.shape(v) for v in values}
+    if len(shapes) > 1:
+        raise RowError(f"output {name!r} differs in shape from frame to frame ({', '.join(map(str, sorted(shapes)))}); "
+                       "a per-video output needs one shape per frame")
+    return np.stack(values)
+
+
+class _Prefetch:
+    """Iterate ``chunks`` with the next item made on a pool thread while the caller works on this one."""
+
+    _END = object()
+
+    def __init__(self, chunks: Iterator[Any], pool: ThreadPoolExecutor | None) -> None:
+        self.chunks, self.pool, self.pending = chunks, pool, None
+
+    def __iter__(self) -> Iterator[Any]:
+        if self.pool is None:
+            yield from self.chunks
+            return
+        self.pending = self.pool.submit(next, self.chunks, self._END)
+        while True:
+            item = self.pending.result()
+            if item is self._END:
+                self.pending = None
+                return
+            self.pending = self.pool.submit(next, self.chunks, self._END)
+            yield item
+
+    def close(self) -> None:
+        """Wait for a chunk in the making (a generator cannot be closed while it runs), then close the source."""
+        if self.pending is not None:
+            with contextlib.suppress(Exception):
+                self.pending.result()
+            self.pending = None
+        close = getattr(self.chunks, "close", None)
+        if close is not None:
+            close()
+
+
+def _check_outputs(op: Op, out: Any, specs: Sequence[Output] | None = None) -> Row | BaseException:
+    """The op's declared outputs (or ``specs``) from its result, as clean values; anything missing is a row
+    error."""
     if not isinstance(out, dict):
         return RowError(f"returned {type(out).__name__}, not a dict of outputs")
     clean: Row = {}
-    for spec in op.output_specs():
+    for spec in op.output_specs() if specs is None else specs:
         if spec.name not in out:
             return RowError(f"returned no value for its output {spec.name!r}")
         try:
@@ -757,6 +926,8 @@ def _coerce(spec: Output, value: Any) -> Any:
             raise ValueError(f"the artifact {path!r} does not exist (return the path of a folder or file you wrote)")
         return path
     if spec.kind == "array":
+        if _is_tensor(value):
+            value = value.detach().cpu().numpy()
         arr = np.asarray(value)
         target = np.dtype(spec.dtype)
         if arr.dtype == object:
@@ -787,6 +958,8 @@ def _format_error(op: str, exc: BaseException) -> str:
     text = str(exc).strip().replace("\n", " ") or "(no message)"
     if isinstance(exc, UpstreamError):
         return f"upstream: {text}"
+    if isinstance(exc, FrameError):
+        return f"{exc.op}: {text}"
     if isinstance(exc, RowError):
         return f"{op}: {text}"
     return f"{op}: {type(exc).__name__}: {text}"
@@ -857,3 +1030,45 @@ def _merge_retry(old: pa.Table, new: pa.Table, order: Sequence[str]) -> pa.Table
     merged = pa.concat_tables([kept, new], promote_options="permissive")
     position = pc.index_in(merged.column("id"), value_set=arrow.array(list(order), merged.column("id").type))
     return merged.take(pc.sort_indices(position))
+
+
+# -- probes: the pipeline over sample rows, writing nothing (workers-per-gpu auto) ---------------------------
+def probe_rows(steps: list[dict[str, Any]], fingerprint: str, rows: pa.Table, base: str, batch_size: int = 32,
+               decode_threads: int = 2, path_column: str = "path") -> dict[str, Any]:
+    """Run the pipeline over ``rows`` in this worker, outputs kept in memory and dropped: how fast it goes here
+    and whether it fits. Raises :class:`SetupFailed` when the ops cannot be set up (a model that does not fit)."""
+    prepared = _op_cache().get(fingerprint, steps)
+    task = PartitionTask(index=0, rows=rows, rows_hash="", fingerprint=fingerprint, steps=steps, root="", base=base,
+                         path_column=path_column, batch_size=batch_size, decode_threads=decode_threads)
+    records = task.rows.to_pylist()
+    res = RowResults.empty(prepared.specs, len(records), len(prepared.ops))
+    _reset_device_peak()
+    t = time.perf_counter()
+    _process_batches(prepared, records, task, res)
+    seconds = time.perf_counter() - t
+    errors = [e for e in res.errors if e is not None]
+    items = len(records) - len(errors)
+    if prepared.source is not None:  # a video pipeline's items are its frames
+        counts = res.columns.get("n_frames") or []
+        items = sum(int(n) for n, e in zip(counts, res.errors) if n is not None and e is None)
+    return {"rows": len(records), "items": items, "seconds": seconds, "errors": errors[:5], "n_errors": len(errors),
+            "oom_backoffs": res.oom_backoffs, "peak_device_bytes": device_peak(), "worker": _worker_address(),
+            "batch_limits": {prepared.ops[k].name: v for k, v in prepared.batch_limits.items()}}
+
+
+def _reset_device_peak() -> None:
+    import sys
+
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.reset_peak_memory_stats()
+
+
+def device_peak() -> int | None:
+    """The most GPU memory torch held in this process since the last reset (None: no GPU in use)."""
+    import sys
+
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return None
+    return int(torch.cuda.max_memory_allocated())

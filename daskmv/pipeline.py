@@ -18,7 +18,7 @@ import yaml
 
 from daskmv.errors import PipelineError
 from daskmv.ops import LOADER_INPUTS, Op, Output, get_op_class
-from daskmv.ops.base import COLUMN_KINDS, is_loader_input, split_input
+from daskmv.ops.base import COLUMN_KINDS, FRAME_INPUTS, is_loader_input, split_input, stacked_spec
 from daskmv.reshape import Reshape, get_reshape
 from daskmv.ops.registry import PIPELINES, register_pipeline
 
@@ -73,7 +73,8 @@ class Pipeline:
 
     def steps(self) -> list[dict[str, Any]]:
         """The pipeline as data (what a YAML file holds and workers rebuild from)."""
-        return [{"op": op.name, "params": op.config} for op in self.ops]
+        return [{"op": op.name, "params": op.config if op.placement is None else {**op.config, "device": op.placement}}
+                for op in self.ops]
 
     def to_yaml(self) -> str:
         return yaml.safe_dump({"name": self.name, "steps": self.steps()}, sort_keys=False)
@@ -88,8 +89,16 @@ class Pipeline:
         return hashlib.sha256(blob).hexdigest()[:16]
 
     @property
+    def frame_source(self) -> int | None:
+        """The position of the op whose rows become frames (a ``video`` step), or None."""
+        return next((k for k, op in enumerate(self.ops) if op.frame_source), None)
+
+    @property
     def outputs(self) -> list[Output]:
-        return [out for op in self.ops for out in op.output_specs()]
+        """Every op's outputs, as the output manifest holds them (per video, stacked, after a frame source)."""
+        source = self.frame_source
+        return [stacked_spec(out) if source is not None and k > source else out
+                for k, op in enumerate(self.ops) for out in op.output_specs()]
 
     @property
     def array_outputs(self) -> list[Output]:
@@ -109,7 +118,10 @@ class Pipeline:
     def loader_inputs(self) -> frozenset[str]:
         """What the loader must make from each row's file (empty: no file is read)."""
         produced = {out.name for out in self.outputs}
-        return frozenset(n for op in self.ops for n in op.input_names() if is_loader_input(n) and n not in produced)
+        source = self.frame_source
+        return frozenset(n for k, op in enumerate(self.ops) for n in op.input_names()
+                         if is_loader_input(n) and n not in produced
+                         and not (source is not None and k > source and n in FRAME_INPUTS))
 
     def column_inputs(self, columns: Sequence[str]) -> list[str]:
         """The manifest columns the ops read (not made by an earlier op): part of each row's identity."""
@@ -133,6 +145,10 @@ class Pipeline:
         return any(op.gpu for op in self.ops)
 
     def _check_outputs(self) -> None:
+        sources = [op.name for op in self.ops if op.frame_source]
+        if len(sources) > 1:
+            raise PipelineError(f"a pipeline takes one frame source, not {len(sources)} ({', '.join(sources)})")
+        self.outputs  # noqa: B018  (an artifact after a frame source is refused here)
         seen: dict[str, str] = {}
         for op in self.ops:
             for out in op.output_specs():
@@ -149,7 +165,9 @@ class Pipeline:
         Raises PipelineError naming the op, the missing input, and what could provide it.
         """
         available = set(columns)
-        for op in self.ops:
+        for k, op in enumerate(self.ops):
+            if k and self.ops[k - 1].frame_source:
+                available |= set(FRAME_INPUTS)
             for name in op.input_names():
                 kind, column = split_input(name)
                 if column is not None and name not in available:

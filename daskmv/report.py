@@ -16,7 +16,6 @@ import base64
 import datetime as dt
 import html
 import io
-import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +26,7 @@ import yaml
 
 from daskmv.arrays import read_array_row
 from daskmv.errors import PipelineError
+from daskmv.failures import error_kind
 from daskmv.ops.base import looks_like_image
 from daskmv.ops.image import decode_image, read_bytes
 from daskmv.paths import resolve_path
@@ -284,25 +284,6 @@ def _timeline(facts: RunFacts) -> str:
 
 
 # -- errors ----------------------------------------------------------------------------------------
-_NOISE = [
-    (re.compile(r"(?:[A-Za-z]:)?(?:/[^\s:'\"]+)+"), "<path>"),
-    (re.compile(r"'[^']*'|\"[^\"]*\""), "<str>"),
-    (re.compile(r"\b0x[0-9a-fA-F]+\b"), "<hex>"),
-    (re.compile(r"\b\d+(?:\.\d+)?\b"), "<n>"),
-]
-
-
-def error_kind(message: str) -> tuple[str, str]:
-    """(where and what: "op: Type", normalised message) for grouping row errors."""
-    op, _, rest = message.partition(": ")
-    kind, sep, text = rest.partition(": ")
-    if not sep or not re.match(r"^[A-Z]\w*(Error|Exception|Worker|Warning)?$", kind):
-        kind, text = "", rest
-    for pattern, repl in _NOISE:
-        text = pattern.sub(repl, text)
-    return (f"{op}: {kind}" if kind else op), text.strip()
-
-
 def _errors(facts: RunFacts) -> str:
     frame = facts.rows
     if "status" not in frame or not (frame["status"] == "error").any():
@@ -312,7 +293,8 @@ def _errors(facts: RunFacts) -> str:
     groups: dict[tuple[str, str], list[tuple[str, str]]] = {}
     for row_id, message, path in zip(bad["id"], bad["error"].fillna(""),
                                      bad[path_col] if path_col in bad else [""] * len(bad)):
-        groups.setdefault(error_kind(str(message)), []).append((str(row_id), "" if path is None else str(path)))
+        group = groups.setdefault(error_kind(str(message), str(row_id)), [])
+        group.append((str(row_id), "" if path is None else str(path)))
     lines = []
     for (kind, text), members in sorted(groups.items(), key=lambda kv: -len(kv[1])):
         examples = "<br>".join(html.escape(f"{i}  {p}") for i, p in members[:3])
@@ -357,7 +339,7 @@ def row_images(facts: RunFacts, row: pd.Series, ops: list[Any]) -> list[tuple[st
     :meth:`~daskmv.ops.base.Op.gallery` images (every image-like array when the ops cannot be built)."""
     values = {k: row[k] for k in row.index}
     images: list[tuple[str, np.ndarray]] = []
-    if any("image" in op.input_names() for op in ops):
+    if any("image" in op.input_names() for op in ops) and not any(op.frame_source for op in ops):
         image = _input_image(facts, values)
         if image is not None:
             images.append(("input", image))
@@ -369,6 +351,8 @@ def row_images(facts: RunFacts, row: pd.Series, ops: list[Any]) -> list[tuple[st
                                                                  facts.store.storage_options or None)
             except (ValueError, OSError, KeyError):
                 pass
+    if "url" not in values:  # what the loader gave the ops: a gallery that re-reads the file (a video's) uses it
+        values["url"] = _input_url(facts, values)
     if ops:
         for op in ops:
             try:
@@ -390,15 +374,23 @@ def _resolve_ref(facts: RunFacts, path: str) -> str:
     return path if "://" in path or path.startswith("/") else f"{facts.store.root}/{path}"
 
 
-def _input_image(facts: RunFacts, values: dict[str, Any]) -> np.ndarray | None:
+def _input_url(facts: RunFacts, values: dict[str, Any]) -> str | None:
+    """The row's file, resolved as the run resolved it (against the manifest's folder)."""
     manifest_url = facts.run.get("manifest", {}).get("url", "")
     path_col = facts.run.get("binding", {}).get("path_column", "path")
     path = values.get(path_col)
     if not isinstance(path, str) or not manifest_url:
         return None
     base = manifest_url.rsplit("/", 1)[0] if "/" in manifest_url else ""
+    return resolve_path(path, base)
+
+
+def _input_image(facts: RunFacts, values: dict[str, Any]) -> np.ndarray | None:
+    url = _input_url(facts, values)
+    if url is None:
+        return None
     try:
-        return decode_image(read_bytes(resolve_path(path, base)))[0]
+        return decode_image(read_bytes(url))[0]
     except Exception:  # the input moved or is unreadable here: show the outputs anyway
         return None
 

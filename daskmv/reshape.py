@@ -177,37 +177,47 @@ def _count_non_null(lists: pa.ChunkedArray) -> pa.Array:
 @register_reshape
 class Explode(Reshape):
     name = "explode"
-    help = "A list column becomes one row per element (id <parent>-<prefix><index>); struct elements become columns."
+    help = ("A list column (or several of equal lengths, element by element) becomes one row per element (id "
+            "<parent>-<prefix><index>); struct elements become columns.")
     params = {
-        "column": Param("items", "the list column"),
+        "column": Param("items", "the list column, or a list of list columns exploded together",
+                        types=(str, list, tuple)),
         "prefix": Param("", "put before the element's index in the new ids (frames use 'f')"),
+        "parent_column": Param("parent_id", "the column holding the parent row's id (frames use 'video_id')"),
     }
 
+    def check_params(self) -> None:
+        columns = self.columns
+        if not columns or not all(isinstance(c, str) and c for c in columns):
+            raise PipelineError(f"step 'explode': column must name one or more list columns, not {self.config['column']!r}")
+
+    @property
+    def columns(self) -> list[str]:
+        column = self.config["column"]
+        return [column] if isinstance(column, str) else list(column)
+
     def check(self, columns: list[str]) -> None:
-        _need(self.name, columns, self.config["column"])
+        _need(self.name, columns, *self.columns)
 
     def partition_key(self) -> str | None:
-        return "parent_id"
+        return self.config["parent_column"]
 
     def apply(self, table: pa.Table) -> pa.Table:
-        column = self.config["column"]
-        lists = table.column(column).combine_chunks()
-        if pa.types.is_string(lists.type) or pa.types.is_large_string(lists.type):
-            lists = _parse_json_lists(lists, column)  # an op's "json" output column
-        if not pa.types.is_list(lists.type) and not pa.types.is_large_list(lists.type):
-            raise PipelineError(f"step 'explode': column {column!r} holds {lists.type}, not lists")
-        lengths = pc.fill_null(pc.list_value_length(lists), 0).to_numpy(zero_copy_only=False)
+        names = self.columns
+        lists = [self._lists(table, name) for name in names]
+        lengths = pc.fill_null(pc.list_value_length(lists[0]), 0).to_numpy(zero_copy_only=False)
+        for name, other in zip(names[1:], lists[1:]):
+            if not np.array_equal(pc.fill_null(pc.list_value_length(other), 0).to_numpy(zero_copy_only=False), lengths):
+                raise PipelineError(f"step 'explode': columns {names[0]!r} and {name!r} hold lists of different "
+                                    "lengths; columns exploded together must match element by element")
         keep = np.maximum(lengths, 1)  # a parent with no elements (or failed) keeps one row
         parents = np.repeat(np.arange(table.num_rows), keep)
         starts = np.concatenate([[0], np.cumsum(keep)[:-1]])
         index = np.arange(len(parents)) - np.repeat(starts, keep)
         real = np.repeat(lengths > 0, keep)
-        values = pc.list_flatten(lists)  # only non-empty lists contribute, in order
         positions = np.full(len(parents), -1, dtype=np.int64)
         positions[real] = np.arange(int(real.sum()))
-        base = table.drop_columns([column]).take(pa.array(parents))
-        element = values.take(pa.array(np.where(real, positions, 0))) if len(values) else pa.nulls(len(parents), values.type)
-        element = pc.if_else(pa.array(real), element, pa.nulls(len(parents), element.type))
+        base = table.drop_columns(names).take(pa.array(parents))
         parent_ids = base.column("id")
         index_col = pa.array(np.where(real, index, -1)).cast(pa.int64())
         index_col = pc.if_else(pa.array(real), index_col, pa.nulls(len(parents), pa.int64()))
@@ -215,16 +225,33 @@ class Explode(Reshape):
                                              pc.utf8_lpad(pc.cast(pa.array(index), pa.string()), 6, "0"), "")
         ids = pc.binary_join_element_wise(parent_ids, suffix, "")
         upstream = base.column(UPSTREAM_ERROR)
-        empty = f"no elements in {column!r}"
+        empty = f"no elements in {names[0]!r}"
         upstream = pc.if_else(pa.array(real), upstream, pc.fill_null(upstream, empty))
         out = base.drop_columns(["id", UPSTREAM_ERROR])
-        out = out.add_column(0, "id", ids).add_column(1, "parent_id", parent_ids).add_column(2, "index", index_col)
-        if pa.types.is_struct(element.type):
-            for i in range(element.type.num_fields):
-                out = out.append_column(element.type.field(i).name, pc.struct_field(element, [i]))
-        else:
-            out = out.append_column(column, element)
+        parent = self.config["parent_column"]
+        if parent in out.column_names:
+            out = out.drop_columns([parent])
+        out = out.add_column(0, "id", ids).add_column(1, parent, parent_ids).add_column(2, "index", index_col)
+        for name, values in zip(names, lists):
+            values = pc.list_flatten(values)  # only non-empty lists contribute, in order
+            element = (values.take(pa.array(np.where(real, positions, 0))) if len(values)
+                       else pa.nulls(len(parents), values.type))
+            element = pc.if_else(pa.array(real), element, pa.nulls(len(parents), element.type))
+            if pa.types.is_struct(element.type):
+                for i in range(element.type.num_fields):
+                    out = out.append_column(element.type.field(i).name, pc.struct_field(element, [i]))
+            else:
+                out = out.append_column(name, element)
         return out.append_column(UPSTREAM_ERROR, upstream)
+
+    @staticmethod
+    def _lists(table: pa.Table, column: str) -> pa.Array:
+        lists = table.column(column).combine_chunks()
+        if pa.types.is_string(lists.type) or pa.types.is_large_string(lists.type):
+            lists = _parse_json_lists(lists, column)  # an op's "json" output column
+        if not pa.types.is_list(lists.type) and not pa.types.is_large_list(lists.type):
+            raise PipelineError(f"step 'explode': column {column!r} holds {lists.type}, not lists")
+        return lists
 
 
 def _parse_json_lists(texts: pa.Array, column: str) -> pa.Array:

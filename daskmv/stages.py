@@ -36,6 +36,7 @@ import pyarrow.parquet as pq
 from daskmv.assemble import ManifestWriter
 from daskmv.cluster import connect
 from daskmv.errors import StoreError, TooManyRowErrors, UsageError
+from daskmv.failures import read_log
 from daskmv.manifest import Manifest, read_manifest
 from daskmv.pipeline import Plan, Stage
 from daskmv.progress import RunProgress
@@ -77,7 +78,8 @@ def run_stages(manifest: str | Manifest, plan: Plan, out: str, client: Client | 
                    "id_column": source.id_column, "path_column": source.path_column}
         _prepare(store, binding, opts.overwrite)
         with diagnosed(), connect(client or opts.cluster, workers=opts.workers,
-                                  threads_per_worker=opts.threads_per_worker, note=progress.note,
+                                  threads_per_worker=opts.threads_per_worker, workers_per_gpu=opts.workers_per_gpu
+                                  if opts.workers_per_gpu != "auto" else None, note=progress.note,
                                   **opts.cluster_kwargs) as c:
             runner = _Stages(store, plan, source, c, opts, progress)
             runner.announce(binding)
@@ -257,7 +259,7 @@ class _Stages:
         table = table.append_column("seconds", pa.array([0.0] * table.num_rows))
         root = Store(self.store.url(folder), self.opts.storage_options)
         writer = ManifestWriter(root, csv=False)
-        writer.add(table)
+        writer.add(table, {"time": now()})  # errors.log: carried errors, logged by the driver (worker -)
         counts = writer.commit()
         root.write_json(RUN_JSON, {"state": "complete", "kind": "reshape only", "fingerprint": chain,
                                    "finished": now(), "counts": counts})
@@ -293,9 +295,12 @@ class _Stages:
             outputs = {spec.column for op in ops for spec in op.output_specs()} | {"status", "error", "seconds"}
             inputs = ops[-1].published_columns([c for c in table.column_names if c not in outputs])
             table = table.select([c for c in table.column_names if c in outputs or c in inputs])
+        # errors.log: each failed row with the time and worker its stage logged
+        stage = Store(self.store.url(last), self.opts.storage_options)
+        logged = {f.id: (f.time, f.worker) for f in read_log(stage)}
         writer = ManifestWriter(self.store, csv=self.source.format == "csv")
         try:
-            writer.add(table)
+            writer.add(table, {"by_id": logged})
             counts = writer.commit()
         finally:
             writer.abort()

@@ -6,7 +6,7 @@ out/
   run.lock           present while a run writes here
   manifest.parquet   input columns + output columns + <array>_path references + status, error, seconds
   manifest.csv       its twin, when the input manifest was CSV
-  errors.log         one line per failed row: id <TAB> op <TAB> message
+  errors.log         a header, then one line per failed row: time <TAB> worker <TAB> id <TAB> op <TAB> message
   outputs.zarr/<output>/p000012-3fa9c1d20b7e   one array per output per partition *attempt* (one shard file)
   parts/p000012-3fa9c1d20b7e.parquet           that attempt's rows
   parts/p000012-3fa9c1d20b7e.lease             present while the attempt runs (refreshed, see LEASE_TIMEOUT)
@@ -635,20 +635,23 @@ class Store:
         return None if self.local else (self.storage_options or None)
 
     # -- the final manifest ------------------------------------------------------------------------
-    def assemble(self, files: Sequence[str], csv: bool) -> dict[str, int]:
+    def assemble(self, files: Sequence[str], csv: bool,
+                 infos: Sequence[dict[str, Any] | None] | None = None) -> dict[str, int]:
         """Concatenate the part ``files`` (in order) into the final manifest and errors.log.
 
-        Streams one part at a time, so memory stays at one partition whatever the manifest's size.
-        The engine normally appends parts while the run goes (:class:`ManifestWriter`); this two-pass
-        version, which first unifies every part's schema, is its fallback.
+        ``infos`` (one per file, as :meth:`ManifestWriter.add` takes them) give the time and worker that
+        errors.log names for each part's failed rows. Streams one part at a time, so memory stays at one
+        partition whatever the manifest's size. The engine normally appends parts while the run goes
+        (:class:`ManifestWriter`); this two-pass version, which first unifies every part's schema, is its
+        fallback.
         """
         from daskmv.assemble import ManifestWriter
 
         schemas = [self._part_schema(f) for f in files]
         schema = pa.unify_schemas(schemas, promote_options="permissive") if schemas else None
         writer = ManifestWriter(self, csv, schema)
-        for file in files:
-            writer.add(self.read_part_file(file))
+        for k, file in enumerate(files):
+            writer.add(self.read_part_file(file), infos[k] if infos else None)
         return writer.commit()
 
 

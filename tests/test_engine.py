@@ -91,9 +91,16 @@ def test_output_root_layout(finished, dataset):
     assert run["binding"]["partition_rows"] == 32 and run["partitions"] == n_parts
     assert run["pipeline"]["steps"][1] == {"op": "resize", "params": {"size": [224, 224], "interpolation": "area"}}
     assert "dask" in run["versions"] and "zarr" in run["versions"]
-    log_lines = (out / "errors.log").read_text().splitlines()
+    header, *log_lines = (out / "errors.log").read_text().splitlines()
+    assert header == "# time\tworker\tid\top\tmessage"
     assert len(log_lines) == len(BAD_FILES)
-    assert all(line.split("\t")[1] == "read" for line in log_lines)
+    # each failed row: its partition's finish time and worker (from the marker), id, op, message
+    frame = pd.read_parquet(out / "manifest.parquet")
+    bad = frame[frame["status"] == "error"]
+    expected = [[markers[i // 32]["finished"], markers[i // 32]["worker"], row["id"], "read",
+                 row["error"].removeprefix("read: ")] for i, row in bad.iterrows()]
+    assert [line.split("\t") for line in log_lines] == expected
+    assert all(m["worker"].startswith("tcp://") for m in markers)
 
 
 def test_csv_twin_matches_parquet(finished):

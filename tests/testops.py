@@ -395,3 +395,62 @@ class EnvValue(Op):
 
     def process(self, rows):
         return [{"env_value": os.environ.get(self.config["variable"])} for _ in rows]
+
+
+class FrameMean(Op):
+    """Per frame (after a `video` step): the frame's mean colour as an array [3] and its index back from the
+    pixels (the synthetic videos encode it)."""
+
+    name = "testops:FrameMean"
+    inputs = ("image", "frame_index")
+    outputs = (Output("mean_rgb", "array", "float32"), Output("decoded_index", "column", "int64"))
+
+    def process(self, rows):
+        from daskmv.video.synthetic import frame_index_of
+
+        return [{"mean_rgb": row["image"].reshape(-1, 3).mean(axis=0), "decoded_index": frame_index_of(row["image"])}
+                for row in rows]
+
+
+class FailsOnFrame(Op):
+    """Fails on one frame index of every video."""
+
+    name = "testops:FailsOnFrame"
+    inputs = ("image", "frame_index")
+    outputs = (Output("ok", "column", "bool"),)
+    params = {"index": Param(7, "the frame that fails")}
+
+    def process(self, rows):
+        return [ValueError(f"cannot use frame {row['frame_index']}") if row["frame_index"] == self.config["index"]
+                else {"ok": True} for row in rows]
+
+
+class FakeDeviceMemory(Op):
+    """Holds one slot of a fake device for as long as its worker lives (an flock'ed file among ``capacity``
+    in ``folder``): a model that takes 1/capacity of a GPU. Set-up on a full device raises the out-of-memory
+    error a real one would; a dead worker frees its slot, like a process's CUDA context. Rows sleep."""
+
+    name = "testops:FakeDeviceMemory"
+    inputs = ("url",)
+    gpu = True
+    outputs = (Output("slot", "column", "int64"),)
+    params = {"folder": Param("", "where the slots are"), "capacity": Param(3, "slots on the device"),
+              "seconds": Param(0.1, "sleep per row")}
+
+    def setup(self, device):
+        import fcntl
+
+        for slot in range(self.config["capacity"]):
+            fh = open(os.path.join(self.config["folder"], f"slot-{slot}"), "a")
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                fh.close()
+                continue
+            self.slot, self.handle = slot, fh
+            return
+        raise MemoryError(f"CUDA out of memory: the fake device's {self.config['capacity']} slots are taken")
+
+    def process(self, rows):
+        time.sleep(self.config["seconds"] * len(rows))
+        return [{"slot": self.slot} for _ in rows]

@@ -7,3 +7,4 @@ from daskmv.ops import core, degrade, relight, retinex, segment, torch_model  # 
 __all__ = ["LOADER_INPUTS", "Op", "Output", "Param", "Row", "REGISTRY", "get_op_class", "register_op"]
 
 from daskmv import sfm  # noqa: E402,F401  (registers the structure-from-motion ops and the sfm pipeline)
+from daskmv.video import ops as _video_ops  # noqa: E402,F401  (registers video, frame and the frames pipeline)

@@ -23,6 +23,7 @@ import hashlib
 import importlib.util
 import json
 from dataclasses import dataclass
+from collections.abc import Iterator
 from typing import Any, ClassVar, Literal
 
 from daskmv.errors import InputReadError, PipelineError, RowError
@@ -65,6 +66,22 @@ def is_loader_input(name: str) -> bool:
     return name in LOADER_INPUTS or split_input(name)[1] is not None
 
 Row = dict[str, Any]
+
+#: What a frame source gives the ops after it, per frame: the frame (RGB uint8 [H, W, 3]) as ``image``, what
+#: it was (``image_info``), its index in the video (presentation order) and its time in seconds.
+FRAME_INPUTS = ("image", "image_info", "frame_index", "timestamp")
+
+
+def stacked_spec(out: Output) -> Output:
+    """What a per-frame output becomes per video: arrays gain a leading time axis; number and bool columns
+    become lists (``float32`` -> ``float32[]``); text, JSON and list columns become one JSON list."""
+    if out.kind == "array":
+        return out
+    if out.kind == "artifact":
+        raise PipelineError(f"output {out.name!r} is an artifact: ops after a frame source make arrays and columns")
+    numeric = not out.dtype.endswith("[]") and out.dtype not in ("string", "str", "json", "path")
+    return Output(out.name, out.kind, f"{out.dtype}[]" if numeric else "json", out.help, out.compression,
+                  out.export_as)
 
 
 @dataclass(frozen=True)
@@ -164,8 +181,18 @@ class Op:
     #: second or more per row (SIFT on photos, a reconstruction per scene) lower it, so that a small manifest
     #: still spreads over every worker.
     min_partition_rows: ClassVar[int | None] = None
+    #: A frame source turns each row into a stream of frames (a video's sampled frames): the ops after it run
+    #: on micro-batches of frame rows (inputs :data:`FRAME_INPUTS`), and their outputs are stacked per row along
+    #: a leading time axis (see :meth:`open_frames` and :func:`stacked_spec`).
+    frame_source: ClassVar[bool] = False
 
     def __init__(self, **params: Any) -> None:
+        placement = params.pop("device", None)
+        if placement is not None and (not isinstance(placement, int) or isinstance(placement, bool) or placement < 0):
+            raise PipelineError(f"op {self.name!r}: device must be a GPU number (0, 1, ...), not {placement!r}")
+        #: ``device: p`` in a pipeline: run on the worker's p-th GPU after its own (stage placement: models
+        #: that do not fit one GPU together); not part of the fingerprint (where an op runs is not what it makes).
+        self.placement: int | None = placement
         missing = [pkg for pkg in self.requires if importlib.util.find_spec(pkg) is None]
         if missing:
             raise PipelineError(f"op {self.name!r} needs the package(s) {', '.join(missing)}; pip install them")
@@ -221,6 +248,11 @@ class Op:
     def process(self, rows: list[Row]) -> list[Row | BaseException]:
         """Process a micro-batch; return one output dict (or an exception) per row, in order."""
         raise NotImplementedError
+
+    def open_frames(self, row: Row) -> tuple[Row, Iterator[list[Row]]]:
+        """A frame source's outputs for ``row`` and its frames, in chunks of frame rows (dicts holding
+        :data:`FRAME_INPUTS`). Raise a :class:`RowError` for a row whose frames cannot be read."""
+        raise NotImplementedError(f"op {self.name!r} is not a frame source")
 
     def gallery(self, row: Row) -> list[tuple[str, Any]]:
         """Images that show this op's result for one row, for reports and contact sheets.

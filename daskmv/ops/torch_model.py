@@ -42,6 +42,8 @@ class TorchModel(Op):
                        path=True),
         "checkpoint": Param(None, "state-dict file loaded into a factory-built model (optional)", path=True),
         "kwargs": Param({}, "keyword arguments for the factory"),
+        "input": Param("image", "what the model sees: the row's decoded image (a video's frame after a `video` step), "
+                       "an earlier op's image output, or array:<column> (a frame manifest's array:frame_path)"),
         "size": Param(224, "input size: an int or [width, height]", types=(int, list, tuple)),
         "interpolation": Param("area", "OpenCV interpolation for the input resize", tuple(INTERPOLATIONS)),
         "mean": Param(IMAGENET_MEAN, "per-channel mean subtracted from RGB in [0, 1]"),
@@ -64,6 +66,9 @@ class TorchModel(Op):
         self.model: Any = None
         self.device = "cpu"
 
+    def input_names(self) -> tuple[str, ...]:
+        return (self.config["input"],)
+
     def output_specs(self) -> tuple[Output, ...]:
         return (Output(self.config["output"], "array", self.config["dtype"], "the model's output per row"),)
 
@@ -85,7 +90,8 @@ class TorchModel(Op):
         import torch
 
         flag = INTERPOLATIONS[self.config["interpolation"]]
-        batch = np.stack([cv2.resize(row["image"], self.size, interpolation=flag) for row in rows])
+        key = self.config["input"]
+        batch = np.stack([cv2.resize(_rgb(row[key], key), self.size, interpolation=flag) for row in rows])
         with torch.inference_mode():
             x = torch.from_numpy(batch).to(self.device, non_blocking=True)
             x = x.permute(0, 3, 1, 2).float().div_(255.0).sub_(self.mean).div_(self.std)
@@ -98,6 +104,19 @@ class TorchModel(Op):
 
     def _select(self, out: Any) -> Any:
         return select_output(out, self.config["output_key"])
+
+
+def _rgb(image: Any, key: str) -> np.ndarray:
+    """An RGB uint8 image from the input (an array output may be gray, or a stored float image in [0, 1])."""
+    image = np.asarray(image)
+    if image.ndim == 2:
+        image = np.repeat(image[:, :, None], 3, axis=2)
+    if image.ndim != 3 or image.shape[2] not in (3, 4):
+        raise ValueError(f"input {key!r} is not an image (shape {image.shape})")
+    image = image[:, :, :3]
+    if image.dtype != np.uint8:
+        image = np.clip(image * (255.0 if image.dtype.kind == "f" else 1.0), 0, 255).astype(np.uint8)
+    return np.ascontiguousarray(image)
 
 
 def select_output(out: Any, key: Any) -> Any:
