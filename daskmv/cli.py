@@ -335,6 +335,50 @@ def _short_time(stamp: str) -> str:
     return stamp.replace("T", " ")[:19]
 
 
+@app.command("tune")
+def tune_cmd(
+    manifest: str = typer.Argument(..., help="CSV or Parquet manifest: a path or any fsspec URL."),
+    pipeline: str = typer.Option(..., "--pipeline", "-p", help="Comma list of ops, or a pipeline YAML file."),
+    sample: int = typer.Option(8, help="Rows of the manifest (its first ones) each setting runs."),
+    write_config: Path = typer.Option(Path("tuned.yaml"), "--write-config", help="Where to write the best settings "
+                                      "(a daskmv run --config file)."),
+    max_batch: int = typer.Option(256, help="The largest batch size to try."),
+    max_workers: Optional[int] = typer.Option(None, help="The most workers (CPU) or workers per GPU to try."),
+    cluster: Optional[str] = typer.Option(None, help="'local' (default) or a scheduler address."),
+    path_column: Optional[str] = typer.Option(None, help="Column with file paths (default 'path')."),
+    id_column: Optional[str] = typer.Option(None, help="Column with row ids."),
+) -> None:
+    """Measure batch size, then workers (per GPU, or processes and threads on CPU) on a sample; print the table,
+    the full run's estimated time, and write the best row as a --config file."""
+    from daskmv.tune import tune
+
+    options = {k: v for k, v in {"cluster": cluster, "path_column": path_column, "id_column": id_column}.items()
+               if v is not None}
+    if pipeline.endswith((".yaml", ".yml")) and Path(pipeline).is_file():
+        pipeline = str(Path(pipeline).resolve())
+    try:
+        result = tune(manifest, pipeline, sample=sample, max_batch=max_batch, max_workers=max_workers,
+                      config=str(write_config), note=lambda line: err.print(f"[dim]{escape(line)}[/]", highlight=False),
+                      **options)
+    except DaskmvError as exc:
+        raise _fail(exc) from None
+    table = Table(title=f"daskmv tune: {sample} row(s) of {result.rows:,}")
+    for column in ("batch", "workers", "per GPU", "threads", "items/s", "host MB", "device MB", "note"):
+        table.add_column(column, justify="right" if column not in ("note",) else "left")
+    for t in result.trials:
+        mark = "[bold green]" if t is result.best else ""
+        table.add_row(*(f"{mark}{v}" for v in (t.batch_size, t.workers, t.workers_per_gpu or "-", t.threads_per_worker,
+                                                f"{t.items_per_second:,.1f}", t.peak_host_mb or "-",
+                                                t.peak_device_mb or "-", escape(t.note or ("best" if t is result.best else "")))))
+    out.print(table)
+    hours = result.estimated_seconds / 3600
+    out.print(f"best: {result.best.settings()} at {result.best.items_per_second:,.1f} items/s; the full manifest "
+              f"({result.rows:,} rows, ~{result.items_per_row:,.1f} items each) would take about "
+              f"{hours:,.2f} h ({result.estimated_seconds:,.0f} s)", highlight=False, soft_wrap=True)
+    out.print(f"settings written to {write_config}: daskmv run {manifest} --config {write_config} --out OUT",
+              highlight=False, soft_wrap=True)
+
+
 @app.command("ops")
 def list_ops() -> None:
     """List every op with its inputs, outputs and parameters."""

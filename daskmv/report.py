@@ -88,6 +88,7 @@ def render(facts: RunFacts, n: int = 16, seed: int = 0) -> str:
     sections = [
         _summary(facts),
         _timeline(facts),
+        _tuning(facts),
         _errors(facts),
         _gallery(facts, n, seed),
     ]
@@ -281,6 +282,39 @@ def _timeline(facts: RunFacts) -> str:
     svg = buf.getvalue()
     svg = svg[svg.index("<svg"):]  # drop the XML prolog and doctype: inline SVG in HTML
     return f"<section id='timeline'><h2>Timeline</h2>{svg}</section>"
+
+
+# -- tuning ----------------------------------------------------------------------------------------
+def _tuning(facts: RunFacts) -> str:
+    """The ``daskmv tune`` table these settings came from, as a chart (nothing when the run was not tuned)."""
+    tuning = facts.run.get("tuning") or (facts.run.get("options") or {}).get("tuning")
+    table = (tuning or {}).get("table") or []
+    if not table:
+        return ""
+    from matplotlib.figure import Figure
+
+    best = tuning.get("best") or {}
+    labels, values, colours = [], [], []
+    for row in table:
+        per_gpu = f"/{row['workers_per_gpu']}pg" if row.get("workers_per_gpu") else ""
+        labels.append(f"b{row['batch_size']} w{row['workers']}{per_gpu} t{row['threads_per_worker']}")
+        values.append(float(row.get("items_per_second") or 0.0))
+        chosen = all(row.get(k) == v for k, v in best.items())
+        colours.append("#e45756" if row.get("out_of_memory") else "#54a24b" if chosen else "#4c78a8")
+    fig = Figure(figsize=(9, 1.2 + 0.28 * len(table)))
+    ax = fig.subplots()
+    ax.barh(range(len(values)), values, color=colours)
+    ax.set_yticks(range(len(labels)), labels, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel("items per second on the sample (green: the settings used; red: out of memory)", fontsize=8)
+    ax.set_title(f"daskmv tune on {tuning.get('sample', '?')} rows: batch (b), workers (w), per GPU (pg), "
+                 "threads (t)", fontsize=9)
+    ax.tick_params(labelsize=7)
+    fig.tight_layout()
+    buf = io.StringIO()
+    fig.savefig(buf, format="svg")
+    svg = buf.getvalue()
+    return f"<section id='tuning'><h2>Tuning</h2>{svg[svg.index('<svg'):]}</section>"
 
 
 # -- errors ----------------------------------------------------------------------------------------

@@ -106,6 +106,10 @@ def test_probe_ntsc_rate_within_the_time_base(folder: Path, ext: str) -> None:
     # Matroska keeps milliseconds: timestamps are exact to half a tick of the time base
     atol = 0.5e-3 + 1e-9 if ext == "mkv" else 1e-9
     np.testing.assert_allclose(info.timestamps, np.arange(50) * 1001 / 30000, rtol=0, atol=atol)
+    # sampling at the video's own rate keeps every frame, at half of it every other one, rounding or not
+    assert select_frames(info, Sampling(fps=30000 / 1001)).tolist() == list(range(50))
+    assert select_frames(info, Sampling(fps=15000 / 1001)).tolist() == list(range(0, 50, 2))
+    assert select_frames(info, Sampling(fps=29.97)).tolist() == list(range(50))
 
 
 def test_probe_opencv_agrees_with_pyav(short: str) -> None:
@@ -122,7 +126,7 @@ def first_at_or_after(timestamps: np.ndarray, targets: list[float]) -> list[int]
     """The reference: for each target, the first frame at or after it; a frame two targets share, once."""
     out: list[int] = []
     for target in targets:
-        later = [k for k in range(len(timestamps)) if timestamps[k] >= target - 1e-9]
+        later = [k for k in range(len(timestamps)) if timestamps[k] >= target - decode.TIME_TOLERANCE]
         if later and later[0] not in out:
             out.append(later[0])
     return out
@@ -165,7 +169,7 @@ def test_select_frames_on_irregular_timestamps_matches_the_definition() -> None:
         start = 1.3
         targets = [start + j / fps for j in range(int(timestamps[-1] * fps) + 2)]
         got = select_frames(info, Sampling(fps=fps, start=start, end=5.0)).tolist()
-        assert got == [k for k in first_at_or_after(timestamps, targets) if timestamps[k] < 5.0]
+        assert got == [k for k in first_at_or_after(timestamps, targets) if timestamps[k] < 5.0 - 1e-3]
 
 
 def test_select_frames_on_a_probed_video(short: str) -> None:
@@ -225,6 +229,19 @@ def test_read_frames_exact_however_it_seeks(long: str, monkeypatch: pytest.Monke
     monkeypatch.setattr(decode, "SEEK_MIN_GAP", gap)
     wanted = sorted({0, 11, 12, 13, 35, 36, 600, 2999, *np.random.default_rng(5).integers(0, 3000, 20).tolist()})
     said, carried, _ = decoded(read_frames(long, wanted, chunk=5))
+    assert said == carried == wanted
+
+
+@pytest.mark.parametrize("off", [2, -100], ids=["lands-late", "lands-early"])
+def test_read_frames_exact_when_a_seek_lands_elsewhere(short: str, monkeypatch: pytest.MonkeyPatch, off: int) -> None:
+    """A demuxer that lands a few keyframes late (or early) than asked: frames are placed by pts, a late
+    landing is retried from earlier keyframes, and the indices stay exact."""
+    step = int(np.diff(decode._packet_index(short)[0].pts[:2])[0])  # pts per frame
+    real_seek = decode._seek
+    monkeypatch.setattr(decode, "_seek", lambda c, s, pts: real_seek(c, s, max(0, pts + off * 12 * step)))
+    monkeypatch.setattr(decode, "SEEK_MIN_GAP", 4)
+    wanted = [2, 3, 100, 101, 180, 250, 299]
+    said, carried, _ = decoded(read_frames(short, wanted, chunk=3))
     assert said == carried == wanted
 
 

@@ -454,3 +454,20 @@ class FakeDeviceMemory(Op):
     def process(self, rows):
         time.sleep(self.config["seconds"] * len(rows))
         return [{"slot": self.slot} for _ in rows]
+
+
+class BatchCost(Op):
+    """Costs ``overhead`` seconds a batch plus ``per_row`` a row (bigger batches go faster), and runs out of
+    memory above ``fits`` rows: what the tuner's batch search meets with a real model on a GPU."""
+
+    name = "testops:BatchCost"
+    inputs = ("label",)
+    outputs = (Output("batch", "column", "int64"),)
+    params = {"overhead": Param(0.1, "seconds per batch"), "per_row": Param(0.001, "seconds per row"),
+              "fits": Param(8, "the largest batch that fits")}
+
+    def process(self, rows):
+        if len(rows) > self.config["fits"]:
+            raise MemoryError(f"cannot allocate a batch of {len(rows)}")
+        time.sleep(self.config["overhead"] + self.config["per_row"] * len(rows))
+        return [{"batch": len(rows)} for _ in rows]

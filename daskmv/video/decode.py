@@ -39,8 +39,9 @@ SEEK_MIN_GAP = 32
 #: A seek that lands after the wanted frame (or whose decoder drops it) is retried from this many earlier
 #: keyframes, one at a time, before decoding from the start of the file instead.
 SEEK_TRIES = 3
-#: Two timestamps closer than this (seconds) are the same instant: float rounding of pts * time_base.
-TIME_EPS = 1e-6
+#: Sampling counts a frame within this many seconds of a boundary or target time as at it: Matroska stores
+#: milliseconds, so a 29.97 fps frame at 33.367 ms reads 33 ms, and sampling at 29.97 fps must still keep it.
+TIME_TOLERANCE = 1e-3
 #: Packets the decoder may refuse in one read (each is noted; decoding goes on with the next packet).
 DECODE_ERRORS = 64
 #: Decoded frames whose pts no packet has, before the first placed frame, that make the reader count frames
@@ -147,21 +148,22 @@ def probe(url: str, backend: str = "auto") -> VideoInfo:
 
 
 def select_frames(info: VideoInfo, sampling: Sampling) -> np.ndarray:
-    """The indices (int64, ascending) of the frames ``sampling`` keeps, from ``info.timestamps`` alone."""
+    """The indices (int64, ascending) of the frames ``sampling`` keeps, from ``info.timestamps`` alone; a
+    timestamp within ``TIME_TOLERANCE`` of a boundary or target time counts as at it."""
     sampling.check()
     ts = np.asarray(info.timestamps, dtype=np.float64)
     keep = np.ones(len(ts), dtype=bool)
     if sampling.start is not None:
-        keep &= ts >= sampling.start - TIME_EPS
+        keep &= ts >= sampling.start - TIME_TOLERANCE
     if sampling.end is not None:
-        keep &= ts < sampling.end - TIME_EPS
+        keep &= ts < sampling.end - TIME_TOLERANCE
     candidates = np.flatnonzero(keep).astype(np.int64)
     if sampling.fps is not None and len(candidates):
         t0 = sampling.start or 0.0
         cand_ts = ts[candidates]
-        n_targets = int(math.floor((cand_ts[-1] - t0) * sampling.fps + TIME_EPS)) + 1
+        n_targets = int(math.floor((cand_ts[-1] + TIME_TOLERANCE - t0) * sampling.fps)) + 1
         targets = t0 + np.arange(max(n_targets, 0), dtype=np.float64) / sampling.fps
-        at = np.searchsorted(cand_ts, targets - TIME_EPS, side="left")
+        at = np.searchsorted(cand_ts, targets - TIME_TOLERANCE, side="left")
         candidates = candidates[np.unique(at[at < len(candidates)])]
     elif sampling.stride > 1:
         candidates = candidates[:: sampling.stride]
@@ -193,7 +195,7 @@ def read_frames(url: str, indices: Sequence[int] | np.ndarray, chunk: int = 16, 
         raise ValueError(f"frame indices must be integers, got dtype {wanted.dtype}")
     wanted = np.unique(wanted.astype(np.int64).ravel())
     if not wanted.size:
-        return iter(())
+        return (chunk for chunk in ())  # a generator all the same: it has close()
     info = info if info is not None and info.url == url else None
     if name == "pyav":
         index, _ = _packet_index(url)
