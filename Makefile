@@ -30,6 +30,11 @@ demo: $(STAMP)
 	$(VENV)/bin/daskmv run manifests/sample/room/photos.csv --pipeline manifests/sfm_pipeline.yaml \
 		--out demo-sfm --workers 2 --overwrite
 	$(VENV)/bin/daskmv status demo-sfm
+	# videos: three generated clips (their pixels encode each frame's index) and a broken file, into frames
+	$(PY) -m daskmv.video.synthetic manifests/sample/video --videos 3 --frames 150 --size 320x240 --broken
+	$(VENV)/bin/daskmv run manifests/sample/video/videos.csv --pipeline manifests/frames_pipeline.yaml \
+		--out demo-frames --workers 2 --overwrite --max-error-rate 1
+	$(VENV)/bin/daskmv status demo-frames --errors
 
 # pytest exits 5 when it collects nothing; any non-zero status fails the target.
 test: $(STAMP)
@@ -39,4 +44,4 @@ bench: $(STAMP)
 	$(PY) benchmarks/engine.py
 
 clean:
-	rm -rf $(VENV) demo-out demo-relight demo-sfm manifests/sample benchmarks/work
+	rm -rf $(VENV) demo-out demo-relight demo-sfm demo-frames manifests/sample benchmarks/work

@@ -290,6 +290,10 @@ def connect(
         return
     cluster = cluster or "local"
     if cluster == "local":
+        if workers_per_gpu is not None and not gpu_count():
+            note(f"note: --workers-per-gpu {workers_per_gpu} has no effect without GPUs (use --workers and "
+                 "--threads-per-worker)")
+            workers_per_gpu = None
         with local_cluster(workers, threads_per_worker, workers_per_gpu, **cluster_kwargs) as lc, Client(lc) as client:
             if isinstance(lc, SharedGPUCluster):
                 client.wait_for_workers(len(lc.worker_spec), timeout=120)

@@ -259,13 +259,14 @@ def _run(manifest: str | Manifest, pipeline: str | Pipeline | list[Any], out: st
 def _fit_workers(client: Client, manifest: Manifest, pipeline: Pipeline, opts: RunOptions,
                  note: Any) -> dict[str, Any] | None:
     """``--workers-per-gpu auto`` on a cluster this run started: grow it before the run (see :mod:`daskmv.fit`)."""
-    from daskmv.cluster import SharedGPUCluster
+    from daskmv.cluster import SharedGPUCluster, gpu_count
 
     if opts.workers_per_gpu != "auto":
         return None
     cluster = getattr(client, "cluster", None)
     if not isinstance(cluster, SharedGPUCluster):
-        note("note: --workers-per-gpu auto needs GPUs and a local cluster; running with the workers there are")
+        if gpu_count():  # without GPUs, connect() has said so already
+            note("note: --workers-per-gpu auto needs a local cluster; running with the workers there are")
         return None
     from daskmv.fit import fit_workers
 

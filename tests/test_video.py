@@ -227,3 +227,40 @@ def test_workers_per_gpu_auto_stops_at_the_count_that_fits(tmp_path, monkeypatch
     frame = result.manifest()
     assert (frame["status"] == "ok").all() and set(frame["slot"]) <= {0, 1, 2}
     assert run["cluster"]["workers"] == 3
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _cuda(), reason="needs a CUDA device")
+def test_gpu_a_real_model_runs_out_of_memory_and_recovers(videos, tmp_path):
+    """torch_model at 6144x6144 over a 60-frame video in one batch asks for more than an H100 or H200 has (the
+    first convolution's output alone is 60 x 8 x 6144^2 x 4 bytes = 72 GB, and its ReLU as much again): real
+    CUDA out-of-memory errors, and the engine backs off until the batches fit, every frame done."""
+    steps = [{"video": {"chunk": 64}}, {"torch_model": {"model": "nets:tiny_cnn", "size": 6144}}]
+    result = daskmv.run(str(videos / "videos.csv"), steps, str(tmp_path / "out"), batch_size=2048, progress="none",
+                        max_error_rate=1.0)
+    frame = result.manifest().set_index("id")
+    assert frame.loc[["a", "b"], "status"].eq("ok").all()
+    markers = [json.loads(p.read_text()) for p in (tmp_path / "out" / "parts").glob("p*.json")]
+    assert sum(m["oom_backoffs"] for m in markers) > 0 and all(m["devices"] == ["cuda:0"] for m in markers)
+    assert load_output(str(result.manifest_path), "a", "model_output").shape == (60, 8)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _cuda(), reason="needs a CUDA device")
+def test_gpu_two_workers_share_one_gpu(videos, tmp_path):
+    steps = [{"video": {}}, {"torch_model": {"model": "nets:tiny_cnn", "size": 64}}]
+    result = daskmv.run(str(videos / "videos.csv"), steps, str(tmp_path / "out"), workers_per_gpu=2,
+                        partition_rows=1, progress="none", max_error_rate=1.0)
+    run = json.loads((tmp_path / "out" / "run.json").read_text())
+    import torch
+
+    assert run["cluster"]["workers"] == 2 * torch.cuda.device_count()
+    markers = [json.loads(p.read_text()) for p in (tmp_path / "out" / "parts").glob("p*.json")]
+    assert all(m["devices"][0].startswith("cuda") for m in markers)
+    assert result.manifest().set_index("id").loc[["a", "b"], "status"].eq("ok").all()

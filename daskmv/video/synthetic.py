@@ -119,6 +119,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--codec", default="mpeg4", help="mpeg4, libx264, mjpeg, ffv1, ...")
     ap.add_argument("--gop", type=int, default=12, help="frames between keyframes")
     ap.add_argument("--ext", default="mp4", help="container: mp4, mkv, avi, mov")
+    ap.add_argument("--broken", action="store_true", help="also list a text file named .mp4 (a row error)")
     args = ap.parse_args(argv)
     try:
         width, height = (int(v) for v in args.size.lower().split("x"))
@@ -131,13 +132,17 @@ def main(argv: list[str] | None = None) -> None:
         path = folder / "videos" / f"video_{k:04d}.{args.ext}"
         write_video(str(path), args.frames, (width, height), args.fps, args.codec, args.gop)
         rows.append({"id": f"video_{k:04d}", "path": os.path.relpath(path, folder)})
+    if args.broken:
+        path = folder / "videos" / "not_a_video.mp4"
+        path.write_text("this file is text, not a video\n")
+        rows.append({"id": "not_a_video", "path": os.path.relpath(path, folder)})
     manifest = folder / "videos.csv"
     with open(manifest, "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=["id", "path"])
         writer.writeheader()
         writer.writerows(rows)
-    print(f"wrote {len(rows)} videos of {args.frames} frames ({width}x{height}, {args.fps:g} fps, {args.codec}) "
-          f"and {manifest}")
+    print(f"wrote {args.videos} videos of {args.frames} frames ({width}x{height}, {args.fps:g} fps, {args.codec})"
+          f"{' and a broken file' if args.broken else ''} and {manifest}")
 
 
 if __name__ == "__main__":
