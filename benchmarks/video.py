@@ -182,19 +182,21 @@ def decode_video(path: str, stride: int = 1) -> int:
 
 
 _RUNNER: Runner | None = None
+_READY = 0.0  # when this pool process had its model loaded (time.time())
 
 
 def _pool_init(model: str, torch_threads: int) -> None:
-    global _RUNNER
+    global _RUNNER, _READY
     _RUNNER = Runner(model, torch_threads, cv2_threads=1)
+    _READY = time.time()
 
 
-def _pool_video(job: tuple[str, str, str, int]) -> tuple[str, int]:
+def _pool_video(job: tuple[str, str, str, int]) -> tuple[str, int, float]:
     row_id, path, out, stride = job
     assert _RUNNER is not None
     y = _RUNNER.video(path, stride)
     np.save(os.path.join(out, f"{row_id}.npy"), y)
-    return row_id, len(y)
+    return row_id, len(y), _READY
 
 
 def _pool_decode(job: tuple[str, int]) -> int:
@@ -202,17 +204,22 @@ def _pool_decode(job: tuple[str, int]) -> int:
     return decode_video(*job)
 
 
-def _pool_model(job: tuple[str, int, int, tuple[int, int]]) -> tuple[int, float]:
-    """Resize + model only, on ``n`` 720p frames made in memory beforehand: (frames, seconds)."""
-    model, n, torch_threads, size = job
+def model_alone(model: str, n: int, torch_threads: int, size: tuple[int, int]) -> tuple[int, float, float]:
+    """Resize + model only, on ``n`` frames of ``size`` made in memory beforehand (random pixels, which
+    cost the resize and the convolutions what any pixels cost): (frames, wall seconds, CPU seconds)."""
     runner = Runner(model, torch_threads, cv2_threads=1)
     rng = np.random.default_rng(0)
     frames = [rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8) for _ in range(BATCH)]
-    runner.infer(frames)  # first call: TorchScript's profiling run
-    t = time.perf_counter()
+    for _ in range(2):  # TorchScript's profiling runs
+        runner.infer(frames)
+    t, c = time.perf_counter(), time.process_time()
     for start in range(0, n, BATCH):
         runner.infer(frames[: min(BATCH, n - start)])
-    return n, time.perf_counter() - t
+    return n, time.perf_counter() - t, time.process_time() - c
+
+
+def _pool_model(job: tuple[str, int, int, tuple[int, int]]) -> tuple[int, float, float]:
+    return model_alone(*job)
 
 
 def _threads_seen(_: object = None) -> tuple[int, int]:
@@ -246,24 +253,34 @@ def method(name: str, cfg: dict) -> dict:
     if name == "pool":
         os.makedirs(out, exist_ok=True)
         jobs = [(r.id, r.path, out, stride) for r in rows.itertuples()]
-        t = time.perf_counter()
+        t, wall = time.perf_counter(), time.time()
         with spawn.Pool(n, initializer=_pool_init, initargs=(cfg["model"], per_process)) as pool:
             done = list(pool.imap_unordered(_pool_video, jobs, chunksize=1))
             seconds = time.perf_counter() - t
             threads = sorted(set(pool.map(_threads_seen, range(4 * n), chunksize=1)))
-        return {"seconds": seconds, "frames": sum(k for _, k in done), "threads": threads}
+        # start: until the last process that took a video had its model loaded (spawn, imports, load)
+        return {"seconds": seconds, "frames": sum(k for _, k, _ in done), "threads": threads,
+                "start": max(ready for _, _, ready in done) - wall}
+    if name == "steps":  # each step alone in this one process: what a frame costs in CPU time
+        paths = rows["path"].tolist()[: max(1, -(-cfg["step_frames"] // cfg["frames_per_video"]))]
+        t, c = time.perf_counter(), time.process_time()
+        frames = sum(decode_video(p, stride) for p in paths)
+        wall, cpu = time.perf_counter() - t, time.process_time() - c
+        k, m_wall, m_cpu = model_alone(cfg["model"], cfg["step_frames"], 1, cfg["size"])
+        return {"seconds": wall, "frames": frames, "decode_cpu": cpu / frames, "model_frames": k,
+                "model_seconds": m_wall, "model_cpu": m_cpu / k}
     if name == "decode":
         with spawn.Pool(n) as pool:
             pool.map(abs, range(n))  # processes up: this line measures decoding, not starting Python
             t = time.perf_counter()
             frames = sum(pool.imap_unordered(_pool_decode, [(p, stride) for p in rows["path"]], chunksize=1))
             return {"seconds": time.perf_counter() - t, "frames": frames}
-    if name == "model":
-        total = cfg["frames_total"]
+    if name == "model":  # resize + model in N processes side by side: do the cores add up?
+        k = cfg["step_frames"]
         with spawn.Pool(n) as pool:
-            parts = pool.map(_pool_model, [(cfg["model"], -(-total // n), per_process, cfg["size"])] * n)
+            parts = pool.map(_pool_model, [(cfg["model"], k, per_process, cfg["size"])] * n)
         # each process's own rate, summed: they ran side by side on the same cores
-        return {"seconds": total / sum(k / s for k, s in parts), "frames": total}
+        return {"seconds": n * k / sum(f / s for f, s, _ in parts), "frames": n * k}
     if name in ("daskmv", "daskmv-warm"):
         import daskmv
 
@@ -321,13 +338,59 @@ def measured(name: str, cfg: dict) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def _kind(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            cmd = fh.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return "other"
+    for key, kind in (("forkserver", "fork server"), ("resource_tracker", "resource tracker"),
+                      ("spawn_main", "spawned processes")):
+        if key in cmd:
+            return kind
+    return "other"
+
+
+def tree_parts_mb() -> dict[str, float]:
+    """This process tree's PSS (MB) by part: this process, and each kind of child with its descendants
+    (the fork server's children, daskmv's workers, counted apart from the server)."""
+    from memory import _children, _pss_kb
+
+    kids = _children()
+    me = os.getpid()
+    parts = {"this process": _pss_kb(me) / 1024}
+    for child in kids.get(me, []):
+        kind = _kind(child)
+        parts[kind] = parts.get(kind, 0.0) + _pss_kb(child) / 1024
+        below = "workers (forked by the fork server)" if kind == "fork server" else kind
+        stack = list(kids.get(child, []))
+        while stack:
+            pid = stack.pop()
+            parts[below] = parts.get(below, 0.0) + _pss_kb(pid) / 1024
+            stack.extend(kids.get(pid, []))
+    return parts
+
+
 def one(name: str, cfg: dict) -> None:
     sys.path.insert(0, str(HERE))
     from memory import TreeMemory
 
-    with TreeMemory() as mem:
+    class TreeParts(TreeMemory):
+        """TreeMemory, keeping the parts of the tree's sum at its peak."""
+
+        parts: dict[str, float] = {}
+
+        def _sample(self) -> None:
+            while True:
+                parts = tree_parts_mb()
+                if sum(parts.values()) > self.peak_mb:
+                    self.peak_mb, self.parts = sum(parts.values()), parts
+                if self._stop.wait(self.interval):
+                    return
+
+    with TreeParts() as mem:
         found = method(name, cfg)
-    found["peak_mb"] = mem.peak_mb
+    found["peak_mb"], found["peak_parts"] = mem.peak_mb, mem.parts
     print(json.dumps(found))
 
 
@@ -349,8 +412,8 @@ def main() -> None:
     ap.add_argument("--fps", type=float, default=30.0)
     ap.add_argument("--stride", type=int, default=1, help="use every k-th frame (all methods)")
     ap.add_argument("--workers", type=int, default=CORES, help="daskmv workers and pool processes")
-    ap.add_argument("--repeat", type=int, default=1, help="rounds of all methods, interleaved; medians")
-    ap.add_argument("--quick", action="store_true", help="smoke run: 4 videos x 48 frames")
+    ap.add_argument("--repeat", type=int, default=2, help="rounds of all methods, interleaved; medians")
+    ap.add_argument("--quick", action="store_true", help="smoke run: 4 videos x 48 frames, one round")
     ap.add_argument("--work", default=str(HERE / "work" / "video"))
     ap.add_argument("--save", action="store_true", help="also write the table to benchmarks/results/")
     ap.add_argument("--one", nargs=2, metavar=("METHOD", "CONFIG"), help=argparse.SUPPRESS)
@@ -359,23 +422,27 @@ def main() -> None:
         one(args.one[0], json.loads(args.one[1]))
         return
     if args.quick:
-        args.videos, args.frames = 4, 48
+        args.videos, args.frames, args.repeat = 4, 48, 1
     width, height = (int(v) for v in args.size.lower().split("x"))
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
+    t_all = time.perf_counter()
     model = make_model(work)
     manifest = make_videos(work, args.videos, args.frames, (width, height), args.fps)
-    for p in sorted(work.glob(f"{width}x{height}-{args.frames}f-*/*.mp4"))[: args.videos]:
+    import pandas as pd
+
+    videos = pd.read_csv(manifest)
+    for p in videos["path"]:
         with open(p, "rb") as fh:  # page cache warm for every method
             fh.read()
     per_video = len(range(0, args.frames, args.stride))
     total, w = per_video * args.videos, args.workers
     cfg = {"manifest": str(manifest), "model": str(model), "workers": w, "stride": args.stride,
-           "size": [width, height], "frames_total": total}
-    t_all = time.perf_counter()
+           "size": [width, height], "frames_per_video": per_video, "step_frames": min(total, 640)}
     names = {
+        "steps": "decode only (PyAV + RGB), 1 process, FFmpeg threads AUTO",
         "decode": f"decode only (PyAV + RGB), Pool({w})",
-        "model": f"resize + model only, frames in memory, Pool({w})",
+        "model": f"resize + model only, frames in memory, Pool({w}), torch {max(1, CORES // w)} thread(s)",
         "single": f"single-process loop, torch {CORES} threads",
         "pool": f"hand-written pool: spawn Pool({w}), a model per process, torch {max(1, CORES // w)} thread(s)",
         "daskmv": f"daskmv, {w} workers, cluster start included",
@@ -389,66 +456,87 @@ def main() -> None:
             os.sync()
             found[key].append(measured(key, {**cfg, "out": out}))
             print(f"{key}: {found[key][-1]['seconds']:.1f} s", file=sys.stderr)
-    ids = [Path(p).stem for p in sorted(work.glob(f"{width}x{height}-{args.frames}f-*/*.mp4"))[: args.videos]]
     for key in ("daskmv", "daskmv-warm"):
         for r in found[key]:
             assert r["n_frames"] == [per_video] * args.videos, (key, r["n_frames"])
-        assert found[key][-1]["frames"] == total
-    for key in ("single", "pool"):
-        assert found[key][-1]["frames"] == total, (key, found[key][-1]["frames"], total)
+    for key in ("single", "pool", "daskmv", "daskmv-warm"):
+        assert all(r["frames"] == total for r in found[key]), (key, [r["frames"] for r in found[key]], total)
+    ids = videos["id"].tolist()
     diff = max(agreement(str(work / "out-single"), str(work / f"out-{key}"), ids) for key in ("daskmv", "daskmv-warm"))
 
     def med(key: str, field: str) -> float:
         return float(np.median([r[field] for r in found[key]]))
 
     rate = {k: med(k, "frames") / med(k, "seconds") for k in names}
-    decode, model_rate = rate["decode"], rate["model"]
-    bound = 1.0 / (1.0 / decode + 1.0 / model_rate)
-    pool = rate["pool"]
-    workers_of = {"single": 1}
+    pool, ours, warm = rate["pool"], rate["daskmv"], rate["daskmv-warm"]
+    decode_ms, model_ms = 1e3 * med("steps", "decode_cpu"), 1e3 * med("steps", "model_cpu")
+    alone = med("steps", "model_frames") / med("steps", "model_seconds")
+    bound = CORES * 1e3 / (decode_ms + model_ms)
+    pool_start, cluster_start = med("pool", "start"), med("daskmv-warm", "cluster_start")
+    pool_warm = total / (med("pool", "seconds") - pool_start)
     from engine import commit, machine
 
     lines = [
         f"## Video benchmark, {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC",
         "",
         f"- command: `python benchmarks/video.py {' '.join(sys.argv[1:])}`".rstrip(),
-        f"- machine: {machine()}; commit {commit()}; torch {_version('torch')}, PyAV {_version('av')}",
+        f"- machine: {machine()}; commit {commit()}; torch {_version('torch')}, PyAV {_version('av')}, "
+        f"OpenCV {cv2.__version__}",
         f"- work: {args.videos} videos x {args.frames} frames of {width}x{height}, {args.fps:g} fps, MPEG-4 "
-        f"(keyframe every 12); {'every frame' if args.stride == 1 else f'every {args.stride}th frame'} decoded "
-        f"(PyAV, threads AUTO), resized to {SIZE}x{SIZE} (INTER_AREA), normalised, a small TorchScript CNN in "
-        f"batches of {BATCH}, outputs kept; median of {args.repeat} run(s), each method in a fresh process",
+        f"(a keyframe every 12); {'every frame' if args.stride == 1 else f'every {args.stride}th frame'} decoded "
+        f"(PyAV, threads AUTO), resized to {SIZE}x{SIZE} (INTER_AREA), normalised, a small TorchScript CNN "
+        f"(4 conv layers, {OUTPUTS} outputs) in batches of {BATCH}, outputs kept; median of {args.repeat} "
+        "interleaved run(s), each method in a fresh Python process",
         "- peak memory: the largest sum of PSS over the method's process and all its children (pool "
-        "processes, Dask workers, nannies, fork server), sampled every 0.2 s",
+        "processes, Dask workers, the fork server), sampled every 0.2 s",
         "",
         "| method | workers | frames | seconds | frames/s | peak memory (MB) | vs pool |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
-    for key, label in names.items():
-        lines.append(f"| {label} | {workers_of.get(key, w)} | {int(med(key, 'frames')):,} | {med(key, 'seconds'):.1f} | "
+    for key in ("single", "pool", "daskmv", "daskmv-warm", "steps", "decode", "model"):
+        workers = 1 if key in ("single", "steps") else w
+        lines.append(f"| {names[key]} | {workers} | {int(med(key, 'frames')):,} | {med(key, 'seconds'):.1f} | "
                      f"{rate[key]:.1f} | {med(key, 'peak_mb'):,.0f} | {rate[key] / pool:.2f}x |")
-    lines.append(f"| bound: 1 / (1/decode + 1/model), same cores | {w} | | | {bound:.1f} | | {bound / pool:.2f}x |")
-    ours, warm = rate["daskmv"], rate["daskmv-warm"]
-    start = med("daskmv-warm", "cluster_start")
+        if key == "steps":
+            lines.append(f"| resize + model only, frames in memory, 1 process, torch 1 thread | 1 | "
+                         f"{int(med(key, 'model_frames')):,} | {med(key, 'model_seconds'):.1f} | {alone:.1f} | | "
+                         f"{alone / pool:.2f}x |")
+    lines.append(f"| **limit**: {CORES} cores / CPU time of a frame ({decode_ms:.1f} ms decode + {model_ms:.1f} ms "
+                 f"resize + model) | {CORES} | | | {bound:.1f} | | {bound / pool:.2f}x |")
     lines += [
         "",
-        f"daskmv / the hand-written pool: {ours / pool:.2f}x with the cluster start timed (target >= 1.0x), "
-        f"{warm / pool:.2f}x with the cluster already up (starting it took {start:.1f} s); "
-        f"{ours / rate['single']:.2f}x the single-process loop. The bound is {bound:.1f} frames/s: daskmv runs at "
-        f"{ours / bound:.0%} of it ({warm / bound:.0%} warm), the pool at {pool / bound:.0%}. Decoding alone "
-        f"runs at {decode:.1f} frames/s and resize + model alone at {model_rate:.1f} frames/s on these cores. "
-        f"Every video ok in daskmv with {per_video} frames each; its outputs differ from the single-process "
-        f"loop's by at most {diff:.2g}.",
+        f"daskmv / the hand-written pool: **{ours / pool:.2f}x** with the cluster start timed (target >= 1.0x); "
+        f"{warm / pool:.2f}x with the cluster already up (starting it took {cluster_start:.1f} s) against "
+        f"{pool_warm / pool:.2f}x for the pool without its start ({pool_start:.1f} s to spawn, import and load "
+        f"the model), so {warm / pool_warm:.2f}x start excluded on both sides; {ours / rate['single']:.2f}x the "
+        f"single-process loop.",
         "",
-        "Threads each process had (torch intra-op, OpenCV): "
+        f"How far from the limit: one frame costs {decode_ms:.1f} ms of CPU to decode (PyAV, RGB) and "
+        f"{model_ms:.1f} ms to resize and run the model, each measured alone in one process, so {CORES} cores "
+        f"cannot pass {bound:.1f} frames/s; daskmv runs at {ours / bound:.0%} of that ({warm / bound:.0%} with "
+        f"the cluster up), the pool at {pool / bound:.0%}, the single-process loop at {rate['single'] / bound:.0%}. "
+        f"The cores do not add up for this work: resize + model in {w} processes side by side gives "
+        f"{rate['model']:.1f} frames/s, {rate['model'] / alone:.2f}x one process's {alone:.1f}.",
+        "",
+        f"Checks: every video ok in daskmv with {per_video} frames; its outputs differ from the single-process "
+        f"loop's by at most {diff:.2g}. Threads each process had (torch intra-op / OpenCV): "
         + "; ".join(f"{k}: {', '.join(f'{a}/{b}' for a, b in found[k][-1]['threads'])}"
                     for k in ("single", "pool", "daskmv-warm")) + ".",
     ]
+    parts = {k: found[k][-1]["peak_parts"] for k in ("single", "pool", "daskmv")}
+    lines += ["", "Peak memory by process (MB of PSS at the peak, last run): " + "; ".join(
+        f"{k}: " + ", ".join(f"{part} {mb:,.0f}" for part, mb in p.items() if mb >= 1) for k, p in parts.items()) + "."]
     prof = found["daskmv-warm"][-1]["profile"]
-    per_frame = {k: 1e3 * v / total for k, v in prof.items() if k != "partitions"}
-    lines += ["", f"Where daskmv's workers spent their time (warm run, {int(prof['partitions'])} partitions, from "
-              "their markers, ms per frame summed over workers; decoding runs on a loader thread beside the ops):",
-              "", "| part | ms per frame |", "|---|---:|"]
-    lines += [f"| {k} | {v:.2f} |" for k, v in per_frame.items()]
+    ms = {k: 1e3 * v / total for k, v in prof.items() if k != "partitions"}
+    video, model_op = ms.get("op video", 0.0), ms.get("op torch_model", 0.0)
+    lines += ["", f"Where daskmv's workers spent their time (warm run, last round, {int(prof['partitions'])} "
+              "partitions, from their markers; ms per frame, summed over the workers):", "",
+              "| part | ms per frame |", "|---|---:|",
+              f"| partition task, all of it | {ms['task']:.2f} |",
+              f"| `video` step (its timer spans the ops it feeds) | {video:.2f} |",
+              f"| - of which `torch_model` (resize, normalise, model) | {model_op:.2f} |",
+              f"| - of which the rest: probe, waiting for the decode thread, stacking outputs | {video - model_op:.2f} |",
+              f"| outside the ops: engine, storing outputs | {ms['task'] - video:.2f} |"]
     report = "\n".join(lines)
     print(report)
     print(f"(whole benchmark: {time.perf_counter() - t_all:.0f} s)", file=sys.stderr)

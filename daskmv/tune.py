@@ -107,8 +107,9 @@ def tune(manifest: str, pipeline: str, sample: int = 8, max_batch: int = MAX_BAT
                       workers_per_gpu=1 if gpus else None)
         trials = _search_batch(runner, start, max_batch)
         best = _best(trials)
-        if gpus:
+        if gpus:  # several processes per GPU, or several threads in one: whichever measures better
             trials += _search(runner, best, "workers_per_gpu", [k for k in range(2, 9)], max_workers)
+            trials += _search(runner, _best(trials), "threads_per_worker", [2, 4], None)
         else:
             counts = [w for w in (1, 2, 4, 8, 16, 32, 64) if w <= min(cores, max_workers or cores, sample)
                       and w != best.workers]

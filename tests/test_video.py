@@ -264,3 +264,19 @@ def test_gpu_two_workers_share_one_gpu(videos, tmp_path):
     markers = [json.loads(p.read_text()) for p in (tmp_path / "out" / "parts").glob("p*.json")]
     assert all(m["devices"][0].startswith("cuda") for m in markers)
     assert result.manifest().set_index("id").loc[["a", "b"], "status"].eq("ok").all()
+
+
+def test_the_frame_op_over_a_users_frame_list(videos, client, tmp_path):
+    """`frame` alone over a manifest of (video, frame index) rows: each row its frame, read forward through the
+    file; an index the video does not have is that row's error only."""
+    indices = [0, 1, 2, 30, 31, 59, 75, 5]
+    rows = pd.DataFrame({"id": [f"r{i}" for i in range(len(indices))], "path": [str(videos / "a.mp4")] * len(indices),
+                         "frame_index": indices})
+    rows.to_parquet(tmp_path / "frames.parquet")
+    result = daskmv.run(str(tmp_path / "frames.parquet"), "frame", str(tmp_path / "out"), client=client,
+                        batch_size=3, progress="none", max_error_rate=1.0)
+    frame = result.manifest().set_index("id")
+    assert frame.loc["r6", "error"] == "frame: frame 75 is not in the video (60 frames)"
+    for row_id, index in zip(frame.index, indices):
+        if row_id != "r6":
+            assert frame_index_of(load_output(str(result.manifest_path), row_id, "frame")) == index

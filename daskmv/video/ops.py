@@ -177,12 +177,15 @@ class Frame(Op):
         except (TypeError, ValueError):
             return [RowError(f"frame_index {row['frame_index']!r} is not a frame number") for row in rows]
         cursor = self._cursor(rows[0]["url"])
+        total = cursor.info.n_frames
+        inside = [index for index in wanted if 0 <= index < total]
         try:
-            frames = cursor.read(wanted)
+            frames = cursor.read(inside)
         except RowError as exc:
             self._drop()
             return [exc] * len(rows)
-        return [{"frame": frames[index]} for index in wanted]
+        return [{"frame": frames[index]} if index in frames else
+                RowError(f"frame {index} is not in the video ({total} frames)") for index in wanted]
 
     def _cursor(self, url: str) -> Any:
         """This thread's open video: kept between micro-batches of one video, replaced by the next video."""
