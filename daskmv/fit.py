@@ -38,6 +38,8 @@ MAX_PER_GPU = 8
 MIN_GAIN = 1.10
 #: Rows of the manifest each worker runs per probe.
 PROBE_ROWS = 4
+#: Seconds a probe may take on the sample rows.
+PROBE_TIMEOUT = 900
 #: Seconds a new worker may take to start.
 START_TIMEOUT = 120
 
@@ -131,6 +133,11 @@ class _Probe:
         futures = [self.client.submit(probe_rows, self.steps, self.fingerprint, self.rows, self.base,
                                       self.opts.batch_size, self.opts.decode_threads, self.opts.path_column,
                                       workers=[w], allow_other_workers=False, pure=False) for w in workers]
+        try:
+            self._wait(futures, workers)
+        except DidNotFit:
+            self.client.cancel(futures)
+            raise
         results = []
         for future in futures:
             try:
@@ -144,6 +151,26 @@ class _Probe:
                 raise DidNotFit(memory[0][:300])
             results.append(result)
         return results
+
+    def _wait(self, futures: list[Any], workers: list[str]) -> None:
+        """Wait for the probes; a worker that dies meanwhile (a process killed for memory, a CUDA abort) did
+        not fit: its nanny starts a new process at another address, which the pinned probe would wait for
+        forever."""
+        from distributed import wait
+
+        deadline = time.monotonic() + PROBE_TIMEOUT
+        while True:
+            try:
+                wait(futures, timeout=1.0)
+                return
+            except TimeoutError:
+                pass
+            alive = set(self.workers())
+            gone = [w for w, f in zip(workers, futures) if w not in alive and not f.done()]
+            if gone:
+                raise DidNotFit(f"worker {gone[0]} died while setting up and running the pipeline (out of memory?)")
+            if time.monotonic() > deadline:
+                raise DidNotFit(f"the probe of {len(futures)} worker(s) took more than {PROBE_TIMEOUT:.0f} s")
 
     def rate(self, workers: list[str]) -> float:
         """Items (rows, or a video pipeline's frames) per second over ``workers`` running together."""

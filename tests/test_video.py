@@ -205,7 +205,8 @@ def test_workers_per_gpu_spreads_workers_over_gpus(monkeypatch):
     assert gpus == ["0", "0", "1", "1"] and resources == {1}
 
 
-def test_workers_per_gpu_auto_stops_at_the_count_that_fits(tmp_path, monkeypatch):
+@pytest.mark.parametrize("how", ["raises", "dies"])
+def test_workers_per_gpu_auto_stops_at_the_count_that_fits(tmp_path, monkeypatch, how):
     """A model that takes a third of a (pretend) GPU: auto keeps 3 workers on it; the 4th fails its set-up
     with out-of-memory, is shut down and not restarted; the run goes on with three and says so."""
     slots = tmp_path / "device"
@@ -216,14 +217,15 @@ def test_workers_per_gpu_auto_stops_at_the_count_that_fits(tmp_path, monkeypatch
         tmp_path / "rows.csv", index=False)
     monkeypatch.setenv("DASKMV_GPUS", "1")
     monkeypatch.setenv("PYTHONPATH", NETS + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    steps = [{"testops:FakeDeviceMemory": {"folder": str(slots), "capacity": 3, "seconds": 0.1}}]
+    steps = [{"testops:FakeDeviceMemory": {"folder": str(slots), "capacity": 3, "seconds": 0.1, "die": how == "dies"}}]
     result = daskmv.run(str(tmp_path / "rows.csv"), steps, str(tmp_path / "out"), workers_per_gpu="auto",
                         progress="none", cluster_kwargs={"dashboard_address": ":0"})
     run = json.loads((tmp_path / "out" / "run.json").read_text())
     fit = run["workers_fit"]
     assert fit["per_gpu"] == 3, fit
     assert [t["per_gpu"] for t in fit["trials"]] == [1, 2, 3, 4] and fit["trials"][-1]["kept"] is False
-    assert "out of memory" in fit["trials"][-1]["error"] and "did not fit" in fit["reason"]
+    assert ("out of memory" if how == "raises" else "died") in fit["trials"][-1]["error"]
+    assert "did not fit" in fit["reason"]
     frame = result.manifest()
     assert (frame["status"] == "ok").all() and set(frame["slot"]) <= {0, 1, 2}
     assert run["cluster"]["workers"] == 3

@@ -435,7 +435,8 @@ class FakeDeviceMemory(Op):
     gpu = True
     outputs = (Output("slot", "column", "int64"),)
     params = {"folder": Param("", "where the slots are"), "capacity": Param(3, "slots on the device"),
-              "seconds": Param(0.1, "sleep per row")}
+              "seconds": Param(0.1, "sleep per row"),
+              "die": Param(False, "on a full device, kill the process (a CUDA abort) instead of raising")}
 
     def setup(self, device):
         import fcntl
@@ -449,6 +450,8 @@ class FakeDeviceMemory(Op):
                 continue
             self.slot, self.handle = slot, fh
             return
+        if self.config["die"]:
+            os._exit(1)
         raise MemoryError(f"CUDA out of memory: the fake device's {self.config['capacity']} slots are taken")
 
     def process(self, rows):
