@@ -200,7 +200,7 @@ def local_cluster(workers: int | None = None, threads_per_worker: int = 1, worke
         return _start_local(workers, threads_per_worker, workers_per_gpu, **kwargs)
 
 
-def start_fork_server() -> bool:
+def start_fork_server(preload: Sequence[str] = ()) -> bool:
     """Start the fork server local workers are forked from (see :mod:`daskmv.worker_preload`); True if it runs.
 
     A run calls this before it reads the manifest, so that the server's imports overlap the driver's work.
@@ -212,7 +212,8 @@ def start_fork_server() -> bool:
         return False
     from multiprocessing import forkserver
 
-    forkserver.set_forkserver_preload(["daskmv.worker_preload"])  # read only when the server starts
+    # read only when the server starts: a later run's modules are imported by its workers themselves
+    forkserver.set_forkserver_preload(["daskmv.worker_preload", *preload])
     saved = {k: os.environ.get(k) for k in WORKER_MALLOC_ENV}
     os.environ.update({k: str(v) for k, v in WORKER_MALLOC_ENV.items()})
     try:

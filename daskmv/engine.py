@@ -195,7 +195,8 @@ def run(
     opts.check()
     plan = Plan.parse(pipeline)
     if client is None and (opts.cluster or "local") == "local":
-        start_fork_server()  # its imports run while this process reads the manifest
+        # its imports run while this process reads the manifest
+        start_fork_server(sorted({m for stage in plan.stages for op in stage.ops for m in op.preload}))
     with _system_arrow_pool():
         if plan.staged:
             from daskmv.stages import run_stages

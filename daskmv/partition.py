@@ -238,6 +238,7 @@ def _pool(threads: int) -> ThreadPoolExecutor:
 def _prepare(steps: list[dict[str, Any]]) -> PreparedPipeline:
     from daskmv.pipeline import Pipeline
 
+    _torch_threads_from_env()
     pipeline = Pipeline.from_steps(steps)
     devices = []
     for op in pipeline.ops:
@@ -245,6 +246,18 @@ def _prepare(steps: list[dict[str, Any]]) -> PreparedPipeline:
         op.setup(device)
         devices.append(device)
     return PreparedPipeline(pipeline.ops, devices, pipeline.loader_inputs, pipeline.outputs, pipeline.frame_source)
+
+
+def _torch_threads_from_env() -> None:
+    """Torch's intra-op threads as the worker's ``OMP_NUM_THREADS`` says. A worker forked from a fork server
+    that imported torch inherits the thread count torch read there (one per core); Dask sets the variable in
+    the worker only after the fork, so each of N workers would run a thread per core."""
+    import sys
+
+    torch = sys.modules.get("torch")
+    wanted = os.environ.get("OMP_NUM_THREADS", "")
+    if torch is not None and wanted.isdigit() and int(wanted) > 0 and torch.get_num_threads() != int(wanted):
+        torch.set_num_threads(int(wanted))
 
 
 def _best_device(placement: int | None = None) -> str:
@@ -805,24 +818,9 @@ def _run_frames(prepared: PreparedPipeline, k: int, row: Row, task: PartitionTas
     feed = _Prefetch(chunks, _pool(task.decode_threads) if task.decode_threads > 0 else None)
     try:
         for frames in feed:
-            live = [{**row, **frame} for frame in frames]
-            stored: list[Row] = [{} for _ in live]
-            for j in later:
-                t = time.perf_counter()
-                outs = _apply(prepared, j, live, task.batch_size, res)
-                res.op_seconds[j] += time.perf_counter() - t
-                for frame, out, kept in zip(live, outs, stored, strict=True):
-                    checked = out if isinstance(out, BaseException) else _check_outputs(prepared.ops[j], out)
-                    if isinstance(checked, BaseException):
-                        raise FrameError(prepared.ops[j].name, frame.get("frame_index"), checked)
-                    frame.update(_handoff(out, checked))
-                    kept.update(checked)
-            for name, values in stacks.items():
-                chunk = [kept[name] for kept in stored]
-                if name in arrays:
-                    values.append(_stack(name, chunk))
-                else:  # a JSON output per frame is decoded: the row's list of them is one JSON
-                    values.append([json.loads(v) if name in texts and v is not None else v for v in chunk])
+            for name, piece in _frame_chunk(prepared, later, row, frames, task, res, arrays, texts).items():
+                stacks[name].append(piece)
+            del frames  # before the next chunk is asked for: two chunks in memory, not three
     except Exception as exc:
         if is_infrastructure_error(exc):
             raise
@@ -835,6 +833,32 @@ def _run_frames(prepared: PreparedPipeline, k: int, row: Row, task: PartitionTas
         else:
             outputs[name] = [v for chunk in values for v in chunk]
     return outputs
+
+
+def _frame_chunk(prepared: PreparedPipeline, later: range, row: Row, frames: list[Row], task: PartitionTask,
+                 res: RowResults, arrays: set[str], texts: set[str]) -> dict[str, Any]:
+    """One chunk of a video's frames through the ops after the source: each output's values for the chunk
+    (arrays stacked, columns as lists). A frame an op rejects raises :class:`FrameError`."""
+    live = [{**row, **frame} for frame in frames]
+    stored: list[Row] = [{} for _ in live]
+    for j in later:
+        t = time.perf_counter()
+        outs = _apply(prepared, j, live, task.batch_size, res)
+        res.op_seconds[j] += time.perf_counter() - t
+        for frame, out, kept in zip(live, outs, stored, strict=True):
+            checked = out if isinstance(out, BaseException) else _check_outputs(prepared.ops[j], out)
+            if isinstance(checked, BaseException):
+                raise FrameError(prepared.ops[j].name, frame.get("frame_index"), checked)
+            frame.update(_handoff(out, checked))
+            kept.update(checked)
+    pieces: dict[str, Any] = {}
+    for name in (o.name for j in later for o in prepared.ops[j].output_specs()):
+        values = [kept[name] for kept in stored]
+        if name in arrays:
+            pieces[name] = _stack(name, values)
+        else:  # a JSON output per frame is decoded: the row's list of them is one JSON
+            pieces[name] = [json.loads(v) if name in texts and v is not None else v for v in values]
+    return pieces
 
 
 def _handoff(out: Any, checked: Row) -> Row:

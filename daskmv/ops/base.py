@@ -185,6 +185,9 @@ class Op:
     #: on micro-batches of frame rows (inputs :data:`FRAME_INPUTS`), and their outputs are stacked per row along
     #: a leading time axis (see :meth:`open_frames` and :func:`stacked_spec`).
     frame_source: ClassVar[bool] = False
+    #: Modules the op's set-up imports that a local cluster's fork server imports once, before it starts the
+    #: workers (torch: ~1 s and a few hundred MB per worker otherwise, paid inside each worker's first task).
+    preload: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, **params: Any) -> None:
         placement = params.pop("device", None)

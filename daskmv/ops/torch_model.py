@@ -37,6 +37,7 @@ class TorchModel(Op):
     help = "Run a TorchScript file or a module:factory model over resized images; store its output per row."
     inputs = ("image",)
     gpu = True
+    preload = ("torch",)
     params = {
         "model": Param(None, "TorchScript file, torch.export .pt2 file, or module:factory returning an nn.Module",
                        path=True),
