@@ -189,14 +189,38 @@ def test_gradients_reach_every_parameter_and_optimisation_fits_a_target():
     assert losses[-1] < losses[0] / 10, (losses[0], losses[-1])
 
 
+def test_gaussians_on_or_behind_the_camera_plane_are_skipped_without_nan_gradients():
+    cam = pinhole(32, 24, f=25.0)
+    visible = {"means": torch.tensor([[0.0, 0.0, 2.0]]), "quats": torch.tensor([[1.0, 0, 0, 0]]),
+               "scales": torch.full((1, 3), 0.2), "opacities": torch.tensor([0.7]),
+               "sh": flat_sh(torch.tensor([[0.2, 0.9, 0.4]]))}
+    hidden_means = torch.tensor([[0.1, 0.0, 0.0], [0.0, 0.0, -1.0], [0.0, 0.1, 0.005], [0.0, 0.0, 1e-30]])
+    params = {
+        "means": torch.cat([visible["means"], hidden_means]).requires_grad_(True),
+        "quats": torch.tensor([[1.0, 0, 0, 0]] * 5).requires_grad_(True),
+        "scales": torch.full((5, 3), 0.2).requires_grad_(True),
+        "opacities": torch.full((5,), 0.7).requires_grad_(True),
+        "sh": torch.cat([visible["sh"], flat_sh(torch.rand(4, 3))]).requires_grad_(True),
+    }
+    out = render(**params, cam=cam, sh_degree=0)
+    assert out["radii"][0] > 0 and torch.all(out["radii"][1:] == 0)
+    assert torch.allclose(out["image"], render(**visible, cam=cam, sh_degree=0)["image"])
+    (out["image"].sum() + out["depth"].sum()).backward()
+    for name, p in params.items():
+        assert torch.isfinite(p.grad).all(), name
+        assert torch.all(p.grad[1:] == 0), name
+
+
 def dense_render(scene: dict[str, torch.Tensor], cam: Camera, degree: int, background: torch.Tensor) -> dict:
-    """Every pixel against every Gaussian in front of the near plane, nearest first, no tiles."""
+    """Every pixel against every Gaussian in front of the near plane, nearest first, no tiles; plain autograd."""
+    dtype = scene["means"].dtype
     proj = project(scene["means"], scene["quats"], scene["scales"], cam)
-    R, t = cam.world_to_cam[:3, :3], cam.world_to_cam[:3, 3]
+    R, t = cam.world_to_cam[:3, :3].to(dtype), cam.world_to_cam[:3, 3].to(dtype)
     colours = sh_to_rgb(scene["sh"], scene["means"] + R.T @ t, degree)
-    order = torch.argsort(proj.depth)
+    order = torch.argsort(proj.depth.detach())
     order = order[proj.depth[order] > 0.01]
-    ys, xs = torch.meshgrid(torch.arange(cam.height) + 0.5, torch.arange(cam.width) + 0.5, indexing="ij")
+    ys, xs = torch.meshgrid(torch.arange(cam.height, dtype=dtype) + 0.5, torch.arange(cam.width, dtype=dtype) + 0.5,
+                            indexing="ij")
     dx = xs.reshape(-1, 1) - proj.xy[order, 0]
     dy = ys.reshape(-1, 1) - proj.xy[order, 1]
     a, b, c = proj.conic[order].unbind(-1)
@@ -204,26 +228,25 @@ def dense_render(scene: dict[str, torch.Tensor], cam: Camera, degree: int, backg
                         max=0.99)
     alpha = alpha * (alpha >= 1 / 255)
     pixels, gaussians = alpha.shape
-    image = torch.zeros(pixels, 3)
-    depth = torch.zeros(pixels)
-    T = torch.ones(pixels)
+    image = torch.zeros(pixels, 3, dtype=dtype)
+    depth = torch.zeros(pixels, dtype=dtype)
+    T = torch.ones(pixels, dtype=dtype)
     done = torch.zeros(pixels, dtype=torch.bool)
-    stopped = 0
     for i in range(gaussians):  # the CUDA kernels' per-pixel loop, all pixels at once
         ai = alpha[:, i]
-        done |= T * (1 - ai) < 1e-4
-        stopped = int(done.sum())
+        done = done | ((T * (1 - ai)).detach() < 1e-4)
         ai = torch.where(done, torch.zeros_like(ai), ai)
-        image += (T * ai)[:, None] * colours[order[i]]
-        depth += T * ai * proj.depth[order[i]]
+        image = image + (T * ai)[:, None] * colours[order[i]]
+        depth = depth + T * ai * proj.depth[order[i]]
         T = T * (1 - ai)
-    image += T[:, None] * background
+    image = image + T[:, None] * background.to(dtype)
     H, W = cam.height, cam.width
     return {"image": image.reshape(H, W, 3), "alpha": (1 - T).reshape(H, W),
-            "depth": (depth / (1 - T).clamp_min(1e-10)).reshape(H, W), "stopped": stopped}
+            "depth": (depth / (1 - T).clamp_min(1e-10)).reshape(H, W), "stopped": int(done.sum())}
 
 
-def test_tiled_renderer_equals_dense_compositing():
+def tricky_scene(dtype: torch.dtype = torch.float32) -> tuple[dict[str, torch.Tensor], Camera]:
+    """400 Gaussians seen by a turned camera: some behind it or across the near plane, some big, some opaque."""
     angle = 0.3
     pose = torch.eye(4)
     pose[:3, :3] = torch.tensor([[math.cos(angle), 0, -math.sin(angle)], [0, 1, 0],
@@ -231,11 +254,15 @@ def test_tiled_renderer_equals_dense_compositing():
     pose[:3, 3] = torch.tensor([0.2, -0.1, 0.3])
     cam = pinhole(45, 37, f=40.0, pose=pose)  # not a multiple of any tile size
     scene = random_scene(400, seed=4, degree=2)
-    scene["means"] = pose[:3, :3].T @ (scene["means"] - pose[:3, 3]).T
-    scene["means"] = scene["means"].T.contiguous()
+    scene["means"] = (pose[:3, :3].T @ (scene["means"] - pose[:3, 3]).T).T.contiguous()
     scene["means"][:20, 2] -= 3.5  # some Gaussians behind the camera or across the near plane
     scene["scales"][:60] *= 4  # some big ones covering many tiles
     scene["opacities"][20:80] = 0.999  # and opaque ones, so pixels hit the transmittance stop
+    return {k: v.to(dtype) for k, v in scene.items()}, cam
+
+
+def test_tiled_renderer_equals_dense_compositing():
+    scene, cam = tricky_scene()
     background = torch.tensor([0.1, 0.7, 0.3])
     dense = dense_render(scene, cam, 2, background)
     assert dense["stopped"] > 20  # the transmittance stop is exercised
@@ -247,6 +274,28 @@ def test_tiled_renderer_equals_dense_compositing():
         # accumulated (alpha-weighted) depth absolutely and the ratio relatively
         assert torch.allclose(out["depth"] * out["alpha"], dense["depth"] * dense["alpha"], atol=1e-5, rtol=0)
         assert torch.allclose(out["depth"], dense["depth"], atol=1e-5, rtol=1e-5), tile
+
+
+def test_tiled_renderer_gradients_equal_autograd_through_dense_compositing():
+    scene, cam = tricky_scene(torch.float64)
+    background = torch.tensor([0.1, 0.7, 0.3], dtype=torch.float64)
+    g = torch.Generator().manual_seed(6)
+    weights = {"image": torch.rand(37, 45, 3, generator=g, dtype=torch.float64),
+               "alpha": torch.rand(37, 45, generator=g, dtype=torch.float64),
+               "depth": torch.rand(37, 45, generator=g, dtype=torch.float64)}
+
+    def grads(renderer) -> dict[str, torch.Tensor]:
+        params = {k: v.clone().requires_grad_(True) for k, v in scene.items()}
+        out = renderer(params)
+        loss = sum((out[k] * w).sum() for k, w in weights.items())
+        loss.backward()
+        return {k: p.grad for k, p in params.items()}
+
+    dense = grads(lambda p: dense_render(p, cam, 2, background))
+    tiled = grads(lambda p: render(**p, cam=cam, sh_degree=2, background=background))
+    for key in scene:
+        assert dense[key].abs().sum() > 0, key
+        assert torch.allclose(tiled[key], dense[key], rtol=1e-9, atol=1e-12), key
 
 
 def test_ssim_and_psnr():

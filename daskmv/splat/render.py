@@ -1,4 +1,4 @@
-"""A pure-torch reference renderer for 3D Gaussian splatting, differentiable by autograd, and image metrics.
+"""A pure-torch reference renderer for 3D Gaussian splatting, differentiable end to end, and image metrics.
 
 Training a splat scene needs a renderer whose gradients reach every Gaussian parameter. gsplat's CUDA kernels
 are the fast one; this module is the one that runs anywhere (CPU CI, machines without CUDA), written from the
@@ -18,7 +18,9 @@ Compositing follows the CUDA rasterizers: ``alpha = min(0.99, opacity * exp(-0.5
 under 1/255 is skipped, and a pixel stops taking Gaussians before the one that would bring its transmittance
 under 1e-4. A Gaussian only ever adds alpha where ``opacity * exp(-q/2) >= 1/255``; that ellipse's bounding
 box (``sqrt(2 ln(255 opacity))`` standard deviations, 3.33 for an opaque one) decides which tiles it joins,
-so the tiled image equals the dense all-pixels-by-all-Gaussians one, up to float rounding.
+so the tiled image equals the dense all-pixels-by-all-Gaussians one, up to float rounding. Autograd
+differentiates everything but the per-tile compositing, which has a hand-written backward (:class:`_Composite`)
+so a step's memory stays near the size of the Gaussian-tile pairs rather than a dozen times that.
 """
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ class Camera:
 
     @property
     def centre(self) -> torch.Tensor:
-        """The camera centre in world coordinates, ``-R^T t`` ([3])."""
+        """The camera centre in world coordinates, ``-R^T t`` ([3], in the pose's dtype)."""
         R, t = self.world_to_cam[:3, :3], self.world_to_cam[:3, 3]
         return -R.T @ t
 
@@ -63,7 +65,7 @@ class Camera:
 class Projection:
     """Gaussians as one camera sees them (all tensors follow the Gaussians' order)."""
 
-    xy: torch.Tensor  # [N, 2] pixel coordinates of the centres (in the autograd graph)
+    xy: torch.Tensor  # [N, 2] pixel coordinates of the centres, in the graph (meaningless where z <= near)
     depth: torch.Tensor  # [N] camera-frame z
     conic: torch.Tensor  # [N, 3] inverse 2D covariance (a, b, c): [[a, b], [b, c]]
     cov2d: torch.Tensor  # [N, 3] 2D covariance with eps2d added (A, B, C): [[A, B], [B, C]]
@@ -140,15 +142,18 @@ def project(
     p = means @ R.T + t
     x, y, z = p.unbind(-1)
     cov_c = R @ covariance_3d(quats, scales) @ R.T
+    # Gaussians at or behind the near plane are never drawn; dividing by their z (0 for some) would put
+    # inf/nan into the graph, and 0 * inf in the backward pass turns every gradient nan. Divide by 1 instead.
+    zd = torch.where(z > near, z, torch.ones_like(z))
 
     # the projected centre is not clipped: it stays the exact, differentiable pixel position
-    xy = torch.stack([fx * x / z + cx, fy * y / z + cy], dim=-1)
+    xy = torch.stack([fx * x / zd + cx, fy * y / zd + cy], dim=-1)
 
     margin_x, margin_y = 0.3 * 0.5 * cam.width / fx, 0.3 * 0.5 * cam.height / fy
-    u = torch.clamp(x / z, min=-cx / fx - margin_x, max=(cam.width - cx) / fx + margin_x)
-    v = torch.clamp(y / z, min=-cy / fy - margin_y, max=(cam.height - cy) / fy + margin_y)
+    u = torch.clamp(x / zd, min=-cx / fx - margin_x, max=(cam.width - cx) / fx + margin_x)
+    v = torch.clamp(y / zd, min=-cy / fy - margin_y, max=(cam.height - cy) / fy + margin_y)
     zero = torch.zeros_like(z)
-    J = torch.stack([fx / z, zero, -fx * u / z, zero, fy / z, -fy * v / z], dim=-1).reshape(-1, 2, 3)
+    J = torch.stack([fx / zd, zero, -fx * u / zd, zero, fy / zd, -fy * v / zd], dim=-1).reshape(-1, 2, 3)
     cov2 = J @ cov_c @ J.transpose(-1, -2)
     A, B, C = cov2[:, 0, 0] + eps2d, 0.5 * (cov2[:, 0, 1] + cov2[:, 1, 0]), cov2[:, 1, 1] + eps2d
     det = torch.clamp_min(A * C - B * B, 1e-12)
@@ -293,7 +298,8 @@ def render(
     """
     W, H = cam.width, cam.height
     proj = project(means, quats, scales, cam, near=near, eps2d=eps2d)
-    colours = sh_to_rgb(sh, means - cam.centre.to(means), sh_degree)
+    view = cam.world_to_cam.to(means)  # the camera centre in the Gaussians' precision
+    colours = sh_to_rgb(sh, means + view[:3, :3].T @ view[:3, 3], sh_degree)
     dtype, device = means.dtype, means.device
     ids, lists = _tile_lists(proj, opacities, near, W, H, tile_size)
 
