@@ -512,6 +512,7 @@ def _finish_exports(prepared: PreparedPipeline, res: RowResults, n: int) -> None
 def _process_batches(prepared: PreparedPipeline, records: list[Row], task: PartitionTask, res: RowResults,
                      exporter: Any = None, store: Store | None = None, attempt: str = "") -> None:
     extra = {"manifest_base": task.base} if "manifest_base" in prepared.loader_inputs else {}
+    workdirs = "workdir" in prepared.loader_inputs
     budget = GPU_BATCH_BYTES if any(device != "cpu" for device in prepared.devices) else BATCH_BYTES
     for batch in _loaded_batches(records, prepared.loader_inputs, task, budget):
         live: list[tuple[int, Row]] = []
@@ -522,6 +523,8 @@ def _process_batches(prepared: PreparedPipeline, records: list[Row], task: Parti
                 res.fail(i, _format_error("read", loaded))
             else:
                 live.append((i, {**records[i], **loaded, **extra}))
+                if workdirs:
+                    live[-1][1]["workdir"] = _workdir(task, records[i]["id"])
         for k, op in enumerate(prepared.ops):
             if not live:
                 break
@@ -563,7 +566,7 @@ def _loaded_batches(
     ends at ``task.batch_size`` rows or ``budget`` bytes of loaded inputs (default :data:`BATCH_BYTES`)."""
     budget = BATCH_BYTES if budget is None else budget
     size = max(1, task.batch_size)
-    if not wanted - {"manifest_base"}:
+    if not wanted - _TASK_INPUTS:
         for start in range(0, len(records), size):
             yield [(i, _upstream_error(records[i]) or {}, 0.0) for i in range(start, min(start + size, len(records)))]
         return
@@ -672,12 +675,26 @@ def _load_row(record: Row, wanted: frozenset[str], task: PartitionTask) -> tuple
     return loaded, time.perf_counter() - t
 
 
+def _workdir(task: PartitionTask, row_id: Any) -> str | None:
+    """The row's folder in the output root that outlives attempts and runs (None where the root is remote)."""
+    from daskmv.export import file_stem
+
+    store = Store(task.root, task.storage_options)
+    if not store.local:
+        return None
+    return os.path.join(store.path, "work", task.fingerprint[:12], file_stem(str(row_id)))
+
+
+#: Loader inputs that no file or column gives: the engine makes them from the task.
+_TASK_INPUTS = frozenset({"manifest_base", "workdir"})
+
+
 def _by_column(wanted: frozenset[str]) -> dict[str | None, frozenset[str]]:
     """Loader inputs grouped by the column they read (None: the row's ``path``)."""
     groups: dict[str | None, set[str]] = {}
     for name in wanted:
         kind, column = split_input(name)
-        if name != "manifest_base":
+        if name not in _TASK_INPUTS:
             groups.setdefault(column, set()).add(kind)
     return {column: frozenset(kinds) for column, kinds in groups.items()}
 

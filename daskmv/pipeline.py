@@ -176,7 +176,7 @@ class Pipeline:
                                             f"(columns: {', '.join(columns)})")
                     continue
                 if name in LOADER_INPUTS and name not in available:
-                    if path_column not in columns:
+                    if path_column not in columns and name not in ("manifest_base", "workdir"):
                         raise PipelineError(
                             f"op {op.name!r} reads files but the manifest has no column {path_column!r} "
                             "(name the file column with --path-column)"

@@ -61,7 +61,7 @@ ARTIFACTS = "artifacts"
 STAGES = "stages"
 #: Files and folders daskmv owns in a root; ``--overwrite`` removes these and nothing else.
 OWNED = (RUN_JSON, MANIFEST, MANIFEST_CSV, ERRORS_LOG, ZARR, PARTS, ARTIFACTS, STAGES, "report.html", "png",
-         "preview.png")
+         "preview.png", "work")
 #: The layout of partition files (attempt tokens, leases); roots of another layout are not resumed.
 LAYOUT = 2
 #: An attempt's lease is refreshed every LEASE_REFRESH seconds while it runs; one untouched for

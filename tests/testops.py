@@ -474,3 +474,23 @@ class BatchCost(Op):
             raise MemoryError(f"cannot allocate a batch of {len(rows)}")
         time.sleep(self.config["overhead"] + self.config["per_row"] * len(rows))
         return [{"batch": len(rows)} for _ in rows]
+
+
+from daskmv.splat.op import Splat  # noqa: E402
+
+
+class SplatDies(Splat):
+    """The splat op, whose worker process dies at step ``die_at`` unless it resumed from a checkpoint (a
+    worker killed mid-training: the engine retries the scene elsewhere, which must resume, not restart)."""
+
+    name = "testops:SplatDies"
+    params = {**Splat.params, "die_at": Param(25, "the step at which the first attempt's worker dies")}
+
+    def check_params(self):
+        die_at = self.config.pop("die_at")
+        super().check_params()
+        self.config["die_at"] = die_at
+
+    def after_step(self, step):
+        if step == self.config["die_at"] and self.trainer.resumed_from is None:
+            os._exit(3)

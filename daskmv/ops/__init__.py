@@ -8,3 +8,4 @@ __all__ = ["LOADER_INPUTS", "Op", "Output", "Param", "Row", "REGISTRY", "get_op_
 
 from daskmv import sfm  # noqa: E402,F401  (registers the structure-from-motion ops and the sfm pipeline)
 from daskmv.video import ops as _video_ops  # noqa: E402,F401  (registers video, frame and the frames pipeline)
+from daskmv.splat import op as _splat_op  # noqa: E402,F401  (registers splat)

@@ -36,6 +36,8 @@ LOADER_INPUTS: dict[str, str] = {
     "image": "the decoded image: RGB uint8 array [H, W, 3] (gray, RGBA and 16-bit converted)",
     "image_info": "what the file held before conversion: width, height, channels, dtype, format",
     "manifest_base": "the folder (or URL) relative paths in the manifest resolve against: the manifest's own",
+    "workdir": "a folder of the output root for this row (work/<pipeline>/<id>) that survives retries and resumed "
+               "runs: checkpoints (a temporary folder where the root is not a local path)",
 }
 
 #: The loader inputs that need the row's file read.
