@@ -28,6 +28,9 @@ NEW_SECTIONS = {
               "every frame (the `video` and `torch_model` ops), against a single-process loop and a hand-written "
               "`multiprocessing` pool with one model per process, in the same run, with the process tree's peak "
               "memory and the limit the cores set."),
+    "splat": ("Gaussian splatting", "`benchmarks/splat.py`: the `splat` op on synthetic scenes (CPU: the reference "
+              "renderer) against a plain per-scene training loop with the same trainer and settings, one scene and "
+              "several queued, with held-out PSNR and the process tree's peak memory."),
 }
 
 
