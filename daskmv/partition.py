@@ -551,6 +551,9 @@ def _process_batches(prepared: PreparedPipeline, records: list[Row], task: Parti
                     res.fail(i, _format_error(op.name, checked))
                     continue
                 row.update(_handoff(out, checked))
+                if artifacts:  # later ops of the stage find the folder by its column's name, as an absolute path
+                    row.update({spec.column: _in_root(store, checked[spec.name]) for spec in op.output_specs()
+                                if spec.kind == "artifact" and checked.get(spec.name)})
                 res.record(i, checked)
                 still.append((i, row))
             live = still
@@ -673,6 +676,11 @@ def _load_row(record: Row, wanted: frozenset[str], task: PartitionTask) -> tuple
             raise  # a network filesystem timing out, an unmounted volume: retry the partition, not the row
         loaded = exc  # a missing, unreadable or corrupt file belongs to this row
     return loaded, time.perf_counter() - t
+
+
+def _in_root(store: Store, rel: str) -> str:
+    """Where ``rel`` of the root is, for an op to open: an absolute local path, or the root's URL."""
+    return os.path.abspath(os.path.join(store.path, rel)) if store.local else store.url(rel)
 
 
 def _workdir(task: PartitionTask, row_id: Any) -> str | None:

@@ -117,7 +117,7 @@ class Pipeline:
     @property
     def loader_inputs(self) -> frozenset[str]:
         """What the loader must make from each row's file (empty: no file is read)."""
-        produced = {out.name for out in self.outputs}
+        produced = {out.name for out in self.outputs} | {o.column for o in self.outputs if o.kind == "artifact"}
         source = self.frame_source
         return frozenset(n for k, op in enumerate(self.ops) for n in op.input_names()
                          if is_loader_input(n) and n not in produced
@@ -189,6 +189,9 @@ class Pipeline:
                         f"(kinds: {', '.join(COLUMN_KINDS)})"
                     )
             available |= {out.name for out in op.output_specs()}
+            # a folder-like output is also there by its manifest column's name (a later op reads `model_path`
+            # from the same stage's reconstruct as from the scenes manifest)
+            available |= {out.column for out in op.output_specs() if out.kind == "artifact"}
         written = set(self.output_columns) | set(RESERVED_COLUMNS[1:])
         return [c for c in columns if c in written]
 

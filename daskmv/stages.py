@@ -293,7 +293,9 @@ class _Stages:
         ops = self.plan.stages[-1].ops
         if ops:
             outputs = {spec.column for op in ops for spec in op.output_specs()} | {"status", "error", "seconds"}
-            inputs = ops[-1].published_columns([c for c in table.column_names if c not in outputs])
+            inputs = [c for c in table.column_names if c not in outputs]
+            for op in ops:  # every op of the last stage may drop input columns (a scene's lists of pairs)
+                inputs = op.published_columns(inputs)
             table = table.select([c for c in table.column_names if c in outputs or c in inputs])
         # errors.log: each failed row with the time and worker its stage logged
         stage = Store(self.store.url(last), self.opts.storage_options)

@@ -144,3 +144,20 @@ def test_gpu_a_60_view_scene_trains_with_gsplat(tmp_path):
                         str(tmp_path / "out"), progress="none")
     row = result.manifest().iloc[0]
     assert row["status"] == "ok" and row["renderer"] == "gsplat" and row["psnr"] >= 28.0, row.to_dict()
+
+
+def test_sfm_then_splat_in_one_pipeline(client, tmp_path):
+    """`sfm,splat` on photos: the scene's reconstruction is trained in the same run (the splat step reads the
+    reconstruct step's model folder by its column's name), and the scenes manifest stays one small row."""
+    from daskmv.sfm.synthetic import write_scene as write_room
+
+    rows = write_room(str(tmp_path / "room"), n=8, width=320, height=240, arc_deg=90.0)
+    pd.DataFrame(rows).to_csv(tmp_path / "photos.csv", index=False)
+    steps = [{"sfm": {"pairs": {"mode": "exhaustive"}}}, {"splat": {**QUICK, "steps": 30, "downscale": 4}}]
+    result = daskmv.run(str(tmp_path / "photos.csv"), steps, str(tmp_path / "out"), client=client,
+                        progress="none", max_error_rate=1.0)
+    row = result.manifest().iloc[0]
+    assert row["status"] == "ok", row["error"]
+    assert row["n_registered"] >= 6 and row["num_gaussians"] > 0 and np.isfinite(row["psnr"])
+    assert (Path(result.out) / row["splat_path"] / "point_cloud.ply").exists()
+    assert "path_a" not in result.manifest().columns
