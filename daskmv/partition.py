@@ -512,7 +512,7 @@ def _finish_exports(prepared: PreparedPipeline, res: RowResults, n: int) -> None
 def _process_batches(prepared: PreparedPipeline, records: list[Row], task: PartitionTask, res: RowResults,
                      exporter: Any = None, store: Store | None = None, attempt: str = "") -> None:
     extra = {"manifest_base": task.base} if "manifest_base" in prepared.loader_inputs else {}
-    workdirs = "workdir" in prepared.loader_inputs
+    work_folder = _work_folder(task) if "workdir" in prepared.loader_inputs else None
     budget = GPU_BATCH_BYTES if any(device != "cpu" for device in prepared.devices) else BATCH_BYTES
     for batch in _loaded_batches(records, prepared.loader_inputs, task, budget):
         live: list[tuple[int, Row]] = []
@@ -523,8 +523,8 @@ def _process_batches(prepared: PreparedPipeline, records: list[Row], task: Parti
                 res.fail(i, _format_error("read", loaded))
             else:
                 live.append((i, {**records[i], **loaded, **extra}))
-                if workdirs:
-                    live[-1][1]["workdir"] = _workdir(task, records[i]["id"])
+                if "workdir" in prepared.loader_inputs:
+                    live[-1][1]["workdir"] = _workdir(work_folder, records[i]["id"])
         for k, op in enumerate(prepared.ops):
             if not live:
                 break
@@ -683,14 +683,17 @@ def _in_root(store: Store, rel: str) -> str:
     return os.path.abspath(os.path.join(store.path, rel)) if store.local else store.url(rel)
 
 
-def _workdir(task: PartitionTask, row_id: Any) -> str | None:
+def _work_folder(task: PartitionTask) -> str | None:
+    """The folder of the pipeline's per-row work folders in the output root (None where the root is remote)."""
+    store = Store(task.root, task.storage_options)
+    return os.path.join(store.path, "work", task.fingerprint[:12]) if store.local else None
+
+
+def _workdir(folder: str | None, row_id: Any) -> str | None:
     """The row's folder in the output root that outlives attempts and runs (None where the root is remote)."""
     from daskmv.export import file_stem
 
-    store = Store(task.root, task.storage_options)
-    if not store.local:
-        return None
-    return os.path.join(store.path, "work", task.fingerprint[:12], file_stem(str(row_id)))
+    return None if folder is None else os.path.join(folder, file_stem(str(row_id)))
 
 
 #: Loader inputs that no file or column gives: the engine makes them from the task.

@@ -95,13 +95,14 @@ def tune(manifest: str, pipeline: str, sample: int = 8, max_batch: int = MAX_BAT
         raise UsageError(f"--sample {sample}: must be at least 1")
     if max_batch < 1:
         raise UsageError(f"--max-batch {max_batch}: must be at least 1")
-    Plan.parse(pipeline)  # a bad pipeline fails here, before any cluster starts
+    plan = Plan.parse(pipeline)  # a bad pipeline fails here, before any cluster starts
     rows = read_manifest(manifest, path_column=options.get("path_column") or "path", id_column=options.get("id_column"),
                          storage_options=options.get("storage_options") or {}, check=True).n_rows
     gpus = gpu_count()
     cores = cpu_count()
     scratch = Path(tempfile.mkdtemp(prefix="daskmv-tune-"))
-    runner = _Trials(manifest, pipeline, sample, scratch, options, note)
+    frames = any(op.frame_source for stage in plan.stages for op in stage.ops)
+    runner = _Trials(manifest, pipeline, sample, scratch, options, note, frames)
     try:
         start = Trial(batch_size=1, workers=gpus or min(cores, sample), threads_per_worker=1,
                       workers_per_gpu=1 if gpus else None)
@@ -189,13 +190,10 @@ class _Trials:
     """Runs one setting: a warm-up run, then a measured one, on the sample, into scratch roots."""
 
     def __init__(self, manifest: str, pipeline: str, sample: int, scratch: Path, options: dict[str, Any],
-                 note: Callable[[str], None]) -> None:
+                 note: Callable[[str], None], frames: bool) -> None:
         self.manifest, self.pipeline, self.sample, self.scratch = manifest, pipeline, sample, scratch
         self.options, self.note, self.count = options, note, 0
-        from daskmv.pipeline import Plan
-
-        plan = Plan.parse(pipeline)
-        self.frames = any(op.frame_source for stage in plan.stages for op in stage.ops)
+        self.frames = frames  # a video pipeline: its batches are frames, not rows of the sample
 
     def partition_rows(self, trial: Trial) -> int:
         """The sample split evenly over the workers (a batch never spans partitions)."""

@@ -15,10 +15,9 @@ import cv2
 import numpy as np
 import torch
 
-from daskmv.splat.render import Camera, render
+from daskmv.splat.render import SH_C0, Camera, render
 from daskmv.splat.scene import write_text_model
 
-SH_C0 = 0.28209479177387814
 
 
 def ring_pose(angle: float, radius: float, height: float) -> np.ndarray:

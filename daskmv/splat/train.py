@@ -27,10 +27,9 @@ import numpy as np
 import torch
 
 from daskmv.splat.ply import Gaussians
-from daskmv.splat.render import psnr, render, ssim
+from daskmv.splat.render import SH_C0, psnr, render, ssim
 from daskmv.splat.scene import Scene, View
 
-SH_C0 = 0.28209479177387814
 STRATEGIES = ("default", "mcmc")
 
 
@@ -252,8 +251,7 @@ class Trainer:
         weights = torch.sigmoid(self.params["opacity_logits"].detach())
         g = torch.Generator(device="cpu").manual_seed(self.config.seed * 15_485_863 + self.step)
         picks = torch.multinomial(weights.cpu(), n_new, replacement=True, generator=g).to(self.device)
-        copies = torch.bincount(picks, minlength=self.n).float() + 1.0
-        shared = _logit((1 - (1 - weights[picks]) ** (1 / copies[picks])).clamp(1e-4, 1 - 1e-4))
+        shared = _shared_logits(weights, picks, self.n)
 
         def select(name: str, t: torch.Tensor, moment: bool) -> torch.Tensor:
             born = torch.zeros_like(t[picks]) if moment else t[picks]
@@ -276,15 +274,13 @@ class Trainer:
         weights = torch.sigmoid(self.params["opacity_logits"].detach())[alive]
         g = torch.Generator(device="cpu").manual_seed(c.seed * 104_729 + step)
         picks = alive[torch.multinomial(weights.cpu(), n_dead, replacement=True, generator=g).to(self.device)]
-        copies = torch.bincount(picks, minlength=self.n).float() + 1.0
         with torch.no_grad():
             target = torch.arange(self.n, device=self.device)
             target[dead] = picks
-            shared = 1 - (1 - torch.sigmoid(self.params["opacity_logits"][picks])) ** (1 / copies[picks])
+            value = _shared_logits(torch.sigmoid(self.params["opacity_logits"]), picks, self.n)
             for name in PARAMS:
                 self.params[name].data = self.params[name].data[target]
             logits = self.params["opacity_logits"]
-            value = _logit(shared.clamp(1e-4, 1 - 1e-4))
             logits[dead] = value  # the copies, and their sources, share the source's opacity
             logits[picks] = value
         for opt in self.optimizers.values():  # the moved Gaussians' moments start again
@@ -356,6 +352,13 @@ def _moments(opt: torch.optim.Adam, param: torch.Tensor) -> dict[str, Any]:
     return {k: (v.detach().cpu() if torch.is_tensor(v) else v) for k, v in state.items()}
 
 
+def _shared_logits(opacity: torch.Tensor, picks: torch.Tensor, n: int) -> torch.Tensor:
+    """The opacity logit each of ``picks`` and its copies share when a Gaussian drawn k times becomes k + 1
+    (MCMC relocation: ``1 - (1 - o) ** (1 / (k + 1))``, so together they cover what it covered)."""
+    copies = torch.bincount(picks, minlength=n).float() + 1.0
+    return _logit((1 - (1 - opacity[picks]) ** (1 / copies[picks])).clamp(1e-4, 1 - 1e-4))
+
+
 def _logit(p: Any) -> Any:
     if torch.is_tensor(p):
         return torch.log(p / (1 - p))
@@ -374,9 +377,7 @@ def _initial(scene: Scene, config: TrainConfig, device: torch.device) -> dict[st
     colors = torch.from_numpy(scene.colors).float()
     n = len(points)
     k = min(4, n)
-    distances = torch.cdist(points, points) if n <= 20_000 else _knn_blocks(points, k)
-    if distances.shape[1] == n:
-        distances = distances.topk(k, largest=False).values
+    distances = _knn_blocks(points, k)
     mean = distances[:, 1:].mean(dim=1) if k > 1 else torch.full((n,), scene.extent * 0.01)
     mean = mean.clamp_min(1e-7)
     bands = (config.sh_degree + 1) ** 2
@@ -392,6 +393,7 @@ def _initial(scene: Scene, config: TrainConfig, device: torch.device) -> dict[st
 
 
 def _knn_blocks(points: torch.Tensor, k: int, block: int = 4096) -> torch.Tensor:
+    """The ``k`` smallest distances of each point to the points (itself first), a block of rows at a time."""
     parts = [torch.cdist(points[i:i + block], points).topk(k, largest=False).values
              for i in range(0, len(points), block)]
     return torch.cat(parts)

@@ -77,10 +77,7 @@ class Video(Op):
         self.sampling = _sampling(self)
         if self.config["chunk"] < 1:
             raise PipelineError(f"op 'video': chunk must be at least 1, not {self.config['chunk']}")
-        size = self.config["size"]
-        self.size = None if size is None else parse_size(size, self.name)
-        if size is not None:
-            self.config["size"] = list(self.size)
+        self.size = _frame_size(self)
 
     def open_frames(self, row: Row) -> tuple[Row, Iterator[list[Row]]]:
         from daskmv.video.decode import probe, read_frames, select_frames
@@ -132,8 +129,19 @@ def _frame_rows(chunks: Iterator[Any], info: Any) -> Iterator[list[Row]]:
 
 
 def _describe(config: dict[str, Any]) -> str:
-    given = {k: config[k] for k in SAMPLING_PARAMS if config.get(k) not in (None, 1) or k == "stride" and config[k] != 1}
+    """The sampling parameters set away from their defaults (an error message says what was asked)."""
+    given = {k: config[k] for k, spec in SAMPLING_PARAMS.items() if config.get(k) != spec.default}
     return ", ".join(f"{k}={v}" for k, v in given.items()) or "every frame"
+
+
+def _frame_size(op: Op) -> tuple[int, int] | None:
+    """An op's ``size`` parameter as (width, height), written back normalised (None: frames as stored)."""
+    size = op.config["size"]
+    if size is None:
+        return None
+    parsed = parse_size(size, op.name)
+    op.config["size"] = list(parsed)
+    return parsed
 
 
 @register_op
@@ -150,10 +158,7 @@ class Frame(Op):
     outputs = (Output("frame", "array", "uint8", "the decoded frame, RGB [H, W, 3]"),)
 
     def check_params(self) -> None:
-        size = self.config["size"]
-        self.size = None if size is None else parse_size(size, self.name)
-        if size is not None:
-            self.config["size"] = list(self.size)
+        self.size = _frame_size(self)
         self._local = threading.local()
 
     def row_bytes(self) -> int:
