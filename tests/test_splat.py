@@ -5,7 +5,10 @@ scenes with a missing model or unreadable images are scene errors while the othe
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +18,7 @@ import torch
 
 import daskmv
 from daskmv.data import load_output
+from daskmv.pipeline import Pipeline
 from daskmv.splat.ply import read_ply, write_ply
 from daskmv.splat.scene import load_scene
 from daskmv.splat.synthetic import write_scene
@@ -161,3 +165,19 @@ def test_sfm_then_splat_in_one_pipeline(client, tmp_path):
     assert row["n_registered"] >= 6 and row["num_gaussians"] > 0 and np.isfinite(row["psnr"])
     assert (Path(result.out) / row["splat_path"] / "point_cloud.ply").exists()
     assert "path_a" not in result.manifest().columns
+
+
+def test_parsing_a_splat_pipeline_leaves_torch_out_of_the_client():
+    """The driver checks a splat step's parameters without torch (1.7 s of import per run; workers train)."""
+    code = ("import json, sys; from daskmv.pipeline import Pipeline; "
+            "Pipeline.parse([{'splat': {'steps': 100, 'strategy': 'mcmc'}}]); "
+            "print(json.dumps('torch' in sys.modules))")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) is False
+
+
+def test_a_bad_strategy_is_a_pipeline_error_before_any_work():
+    with pytest.raises(daskmv.PipelineError, match="strategy"):
+        Pipeline.parse([{"splat": {"strategy": "fast"}}])

@@ -73,7 +73,7 @@ class Splat(Op):
     )
 
     def check_params(self) -> None:
-        from daskmv.splat.train import TrainConfig
+        from daskmv.splat.config import TrainConfig
 
         c = self.config
         for key in ("steps", "downscale", "checkpoint_every", "refine_every", "sh_every"):
