@@ -334,25 +334,38 @@ def test_mutual_nearest_neighbours_match_a_brute_force_reference():
     da, db = root_sift(a), root_sift(b)
 
     def reference(x: np.ndarray, y: np.ndarray, ratio: float = 0.8, max_distance: float = 0.7) -> set:
-        """Neighbours ranked by dot product (uint8: of the halved integers, as the matcher multiplies them),
-        distances between unit vectors, mutual by the reverse argmax."""
-        integer = x.dtype == np.uint8
-        xf, yf = ((x >> 1) if integer else x).astype(np.float64), ((y >> 1) if integer else y).astype(np.float64)
-        nx, ny = np.linalg.norm(xf, axis=1), np.linalg.norm(yf, axis=1)
-        rank = xf @ yf.T if integer else (xf / nx[:, None]) @ (yf / ny[:, None]).T
-        order = np.argsort(-rank, axis=1, kind="stable")[:, :2]
-        cos = np.take_along_axis(xf @ yf.T, order, 1) / (nx[:, None] * ny[order])
-        dist = np.sqrt(np.clip(2 - 2 * cos, 0, None))
-        back = rank.argmax(0)
-        return {(i, int(order[i, 0])) for i in range(len(x))
-                if dist[i, 0] <= max_distance and dist[i, 0] < ratio * dist[i, 1] and back[order[i, 0]] == i}
+        """COLMAP's SIFT matching, spelled out on the whole distance matrix: L2 between descriptors at unit
+        length (uint8 at COLMAP's 512), each direction's nearest within max_distance and passing the ratio
+        test (both directions), kept when the two directions agree."""
+        if x.dtype == np.uint8:
+            xf, yf = x.astype(np.float64) / 512, y.astype(np.float64) / 512
+        else:
+            xf = x / np.linalg.norm(x, axis=1, keepdims=True)
+            yf = y / np.linalg.norm(y, axis=1, keepdims=True)
+        dist = np.sqrt(np.clip((xf**2).sum(1)[:, None] + (yf**2).sum(1)[None, :] - 2 * xf @ yf.T, 0, None))
+
+        def one_way(d: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            order = np.argsort(d, axis=1, kind="stable")[:, :2]
+            best, second = np.take_along_axis(d, order, 1).T
+            return order[:, 0], (best <= max_distance) & (best < ratio * second)
+
+        (fwd, fwd_ok), (back, back_ok) = one_way(dist), one_way(dist.T)
+        return {(i, int(j)) for i, j in enumerate(fwd) if fwd_ok[i] and back_ok[j] and back[j] == i}
 
     for x, y in ((da, db), (da.astype(np.float32), db.astype(np.float32))):
         expected = reference(x, y)
         assert len(expected) > 300
-        for block in (1 << 24, 1000):  # the whole matrix at once, or 1 row of b's 800 per block
+        for block in (1 << 24, None, 1000):  # the whole matrix, the device's default, 1 row of b's 800
             got = {tuple(m) for m in mutual_nearest(x, y, block=block).tolist()}
-            assert len(got ^ expected) <= 0.01 * len(expected)  # equal up to ties of the integer products
+            assert len(got ^ expected) <= 0.01 * len(expected)  # ranked by dot product: equal up to near-ties
+
+    # b's nearest two in a are twins (as far from it): a's side of each pair is unambiguous, b's is not
+    twin = np.concatenate([da[:1], da[:1]]).astype(int)
+    twin[0, :4] -= 1
+    twin[1, 4:8] -= 1
+    twin = np.clip(twin, 0, 255).astype(np.uint8)
+    assert mutual_nearest(twin, da[:1]).shape == (0, 2)
+    assert mutual_nearest(twin[:1], da[:1]).tolist() == [[0, 0]]  # one each: no second, the ratio test passes
     assert mutual_nearest(da[:0], db).shape == (0, 2)
 
 
