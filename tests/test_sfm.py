@@ -155,7 +155,20 @@ def mixed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+def scratch_folders(client) -> set[str]:
+    """The reconstruct op's folders in every worker's temporary directory."""
+    def listing() -> list[str]:
+        import glob
+        import tempfile
+
+        return glob.glob(os.path.join(tempfile.gettempdir(), "daskmv-sfm-*")) + \
+            glob.glob(os.path.join(tempfile.gettempdir(), "daskmv-model-*"))
+
+    return {path for paths in client.run(listing).values() for path in paths}
+
+
 def test_each_scene_gets_its_model_or_its_own_clear_error(mixed, client, tmp_path, run_opts):
+    before = scratch_folders(client)
     r = daskmv.run(str(mixed / "photos.csv"), "sfm", str(tmp_path / "recon"), client=client,
                    **{**run_opts, "max_error_rate": 1.0})
     scenes = r.manifest().set_index("id")
@@ -172,6 +185,8 @@ def test_each_scene_gets_its_model_or_its_own_clear_error(mixed, client, tmp_pat
     _, rec = model_of(r.manifest_path, "b")
     centres = np.array([im.projection_center() for im in rec.images.values()])
     assert np.median(np.linalg.norm(centres - centres.mean(0), axis=1)) == pytest.approx(1.0, rel=1e-6)
+    # nothing of a scene stays in the workers' temporary folders (26 MB each on a 60-view room)
+    assert scratch_folders(client) - before == set()
 
 
 def test_tiled_features_equal_untiled_ones():

@@ -24,6 +24,9 @@ from daskmv.sfm.database import SceneImage, ScenePair, write_database
 from daskmv.sfm.match import geometry_of
 
 MAPPERS = ("incremental", "global")
+#: Per-scene folders in the worker's temporary directory: the scratch one (database, image links, raw models)
+#: is removed when the scene is done, the model one is moved into the root as the ``model`` artifact.
+SCRATCH_PREFIX, MODEL_PREFIX = "daskmv-sfm-", "daskmv-model-"
 
 
 @register_op
@@ -105,15 +108,18 @@ class Reconstruct(Op):
         if not verified:
             raise RowError(f"no verified image pair among {len(pairs)} pairs of {len(images)} images: "
                            "the images do not overlap (or are too blurred, too dark or too different)")
-        work = tempfile.mkdtemp(prefix="daskmv-sfm-")
+        work = tempfile.mkdtemp(prefix=SCRATCH_PREFIX)  # database, image links, raw models: gone on return
+        model = tempfile.mkdtemp(prefix=MODEL_PREFIX)  # the artifact: the engine moves it into the root
         try:
-            return self._reconstruct(row, usable, verified, len(images), work)
-        except Exception:
-            shutil.rmtree(work, ignore_errors=True)
+            return self._reconstruct(row, usable, verified, len(images), work, model)
+        except BaseException:
+            shutil.rmtree(model, ignore_errors=True)
             raise
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
 
     def _reconstruct(self, row: Row, usable: list[SceneImage], verified: list[ScenePair], n_images: int,
-                     work: str) -> Row:
+                     work: str, model: str) -> Row:
         from daskmv.sfm import draw, export, scale
 
         image_dir = os.path.join(work, "images")
@@ -128,7 +134,7 @@ class Reconstruct(Op):
         depth, positions = self._cues(row, usable)
         fused = scale.estimate(rec, depth, positions, self.config["scale_weights"], self.config["iqr_k"])
         scale.apply(rec, fused.scale)
-        model_dir = export.export_model(rec, image_dir, os.path.join(work, "model"), self.config["undistort"])
+        model_dir = export.export_model(rec, image_dir, model, self.config["undistort"])
         points = np.array([p.xyz for p in rec.points3D.values()]).reshape(-1, 3)
         centres = np.array([im.projection_center() for im in rec.images.values() if im.has_pose]).reshape(-1, 3)
         top = draw.label(draw.top_down(points, centres), f"{len(registered)}/{n_images} registered")
