@@ -21,6 +21,7 @@ import re
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
@@ -39,7 +40,7 @@ def gpu_count() -> int:
     """CUDA GPUs visible to this process (0 without an NVIDIA driver; never raises)."""
     if os.environ.get("DASKMV_GPUS") is not None:
         return int(os.environ["DASKMV_GPUS"])
-    if not (os.path.exists("/proc/driver/nvidia") or os.path.exists("/dev/nvidia0")):
+    if not nvidia_driver():
         return 0
     try:
         import torch
@@ -47,6 +48,12 @@ def gpu_count() -> int:
         return int(torch.cuda.device_count())
     except Exception:  # a broken driver or CUDA build: treat as no GPU
         return 0
+
+
+def nvidia_driver() -> bool:
+    """Whether an NVIDIA driver is here (Linux, or WSL's GPU device): without one CUDA cannot run, and torch
+    (1-2 s to import) need not be asked."""
+    return any(os.path.exists(p) for p in ("/proc/driver/nvidia", "/dev/nvidia0", "/dev/dxg"))
 
 
 def cpu_count(env: Mapping[str, str] | None = None) -> int:
@@ -107,7 +114,12 @@ def worker_gpu(n_devices: int, env: Mapping[str, str], name: Any = None, dask_cu
 
 
 def worker_device() -> str:
-    """The torch device for GPU ops in this process: ``cuda:<i>`` by :func:`worker_gpu`, or ``cpu``."""
+    """The torch device for GPU ops in this process: ``cuda:<i>`` by :func:`worker_gpu`, or ``cpu``.
+
+    With no NVIDIA driver the answer is ``cpu`` without importing torch: ops that never touch it (SIFT,
+    VLAD, the reconstruction) then start 1-2 s sooner in every worker."""
+    if not nvidia_driver() and "torch" not in sys.modules:
+        return "cpu"
     try:
         import torch
 

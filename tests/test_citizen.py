@@ -192,6 +192,14 @@ def test_only_the_banner_is_taken_out_of_what_was_collected(collected, expected)
 
 
 # -- cores -------------------------------------------------------------------------------------------------
+@pytest.mark.skipif(cluster.nvidia_driver(), reason="this machine has an NVIDIA driver: torch must be asked")
+def test_a_machine_without_an_nvidia_driver_picks_the_cpu_without_importing_torch():
+    """Ops marked gpu=True that never use torch (SIFT, the reconstruction) must not pay its 1-2 s import."""
+    code = "import sys; from daskmv.cluster import worker_device; print(worker_device(), 'torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["cpu", "False"]
+
+
 def test_cpu_count_is_dasks_and_within_a_slurm_allocation(monkeypatch):
     import dask.system
 

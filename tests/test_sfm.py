@@ -384,6 +384,23 @@ def test_mutual_nearest_neighbours_match_a_brute_force_reference():
     assert mutual_nearest(da[:0], db).shape == (0, 2)
 
 
+def test_read_only_descriptors_are_prepared_once_per_process_and_match_the_same():
+    """Rows read through array references are read-only and shared: an image's integer operands are made
+    once for all its pairs. A writable array could change between pairs, so it is prepared every time."""
+    from daskmv.sfm.match import _operands
+
+    rng = np.random.default_rng(1)
+    a = np.clip(rng.normal(40, 30, (900, 128)), 0, 255).astype(np.uint8)
+    b = np.clip(a[rng.permutation(900)[:700]] + rng.normal(0, 4, (700, 128)), 0, 255).astype(np.uint8)
+    fresh = mutual_nearest(a, b)
+    assert _operands(a) is not _operands(a)  # writable: never kept
+    ra, rb = a.copy(), b.copy()
+    ra.flags.writeable = rb.flags.writeable = False
+    assert _operands(ra) is _operands(ra) and _operands(rb) is not _operands(ra)
+    assert np.array_equal(mutual_nearest(ra, rb), fresh) and np.array_equal(mutual_nearest(ra, rb), fresh)
+    assert len(fresh) > 500
+
+
 def test_scale_fusion_keeps_one_percent_with_a_fifth_of_wild_samples():
     rng = np.random.default_rng(1)
     good = 2.5 * (1 + 0.03 * rng.standard_normal(8000))
@@ -449,6 +466,25 @@ def test_opencv_sift_features_match_and_verify():
     inliers, geometry = verify(a["keypoints"], (640, 480), b["keypoints"], (640, 480),
                                mutual_nearest(a["descriptors"], b["descriptors"]))
     assert len(inliers) > 300 and geometry["config"] in ("CALIBRATED", "UNCALIBRATED")
+
+
+def test_vlad_sums_each_words_residuals():
+    """VLAD spelled out: per visual word, the sum of (descriptor - word) over the descriptors nearest it."""
+    from daskmv.sfm.retrieval import VOCABULARY, _words, vlad
+
+    words = _words(VOCABULARY)
+    rng = np.random.default_rng(3)
+    desc = (rng.random((3000, 128)) ** 3 * 255).astype(np.uint8)
+    d = desc.astype(np.float64)
+    d /= np.linalg.norm(d, axis=1, keepdims=True)
+    nearest = np.argmax(d @ words.T.astype(np.float64), axis=1)
+    residuals = np.zeros(words.shape)
+    for i, w in enumerate(nearest):
+        residuals[w] += d[i] - words[w]
+    residuals /= np.maximum(np.linalg.norm(residuals, axis=1, keepdims=True), 1e-12)
+    v = np.sign(residuals.ravel()) * np.sqrt(np.abs(residuals.ravel()))
+    assert np.allclose(vlad(desc, words, dim=None), v / np.linalg.norm(v), atol=1e-5)
+    assert np.allclose(vlad(desc[:0], words, dim=None), 0)
 
 
 def test_global_descriptors_rank_overlapping_views_first(tmp_path):

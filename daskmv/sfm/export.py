@@ -17,8 +17,9 @@ from pathlib import Path
 from typing import Any
 
 
-def export_model(rec: Any, image_dir: str, out: str, undistort: bool = True) -> str:
-    """Write ``rec`` (images read from ``image_dir`` by their model names) as the 3DGS layout in ``out``."""
+def export_model(rec: Any, image_dir: str, out: str, undistort: bool = True, threads: int = 1) -> str:
+    """Write ``rec`` (images read from ``image_dir`` by their model names) as the 3DGS layout in ``out``,
+    undistorting on ``threads`` threads (-1: all cores)."""
     import pycolmap
 
     out_path = Path(out)
@@ -34,7 +35,7 @@ def export_model(rec: Any, image_dir: str, out: str, undistort: bool = True) -> 
     distorted = out_path / "_distorted"
     distorted.mkdir(parents=True, exist_ok=True)
     rec.write_binary(str(distorted))
-    pycolmap.undistort_images(str(out_path), str(distorted), image_dir, num_threads=1)
+    pycolmap.undistort_images(str(out_path), str(distorted), image_dir, num_threads=threads)
     sparse.mkdir(parents=True, exist_ok=True)
     for name in ("cameras.bin", "images.bin", "points3D.bin", "rigs.bin", "frames.bin"):
         if (out_path / "sparse" / name).exists():

@@ -13,8 +13,11 @@ today, with ``draw: true`` for a picture of the verified matches per pair.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
+import threading
+from collections import OrderedDict
 from typing import Any
 
 import numpy as np
@@ -57,7 +60,7 @@ def mutual_nearest(desc_a: np.ndarray, desc_b: np.ndarray, ratio: float = 0.8, m
     search = _IntegerSearch(desc_a, desc_b) if _integer_product(desc_a, desc_b, device) else \
         _FloatSearch(desc_a, desc_b, device)
     everything = np.arange(na)
-    j1, j2 = search.best_two(everything, forward=True, block=block)
+    j1, j2 = search.best_two(None, forward=True, block=block)
     rows = everything[_passes(search.distance(everything, j1), search.distance(everything, j2), ratio, max_distance)]
     cols, slot = np.unique(j1[rows], return_inverse=True)
     i1, i2 = search.best_two(cols, forward=False, block=block)
@@ -86,8 +89,8 @@ class _Search:
         d = np.sqrt(np.clip(self.sq_a[i] + self.sq_b[j] - 2 * dot, 0, None))
         return np.where(missing, np.inf, d)
 
-    def best_two(self, queries: np.ndarray, forward: bool, block: int) -> tuple[np.ndarray, np.ndarray]:
-        """For a's rows ``queries`` (forward) or b's, the indices of the two most similar on the other side
+    def best_two(self, queries: np.ndarray | None, forward: bool, block: int) -> tuple[np.ndarray, np.ndarray]:
+        """For a's rows ``queries`` (forward; None: all) or b's, the indices of the two most similar on the other side
         (-1 where the other side has one item), ``block`` similarities at a time."""
         raise NotImplementedError
 
@@ -103,30 +106,77 @@ def _unit(desc: np.ndarray) -> np.ndarray:
 class _IntegerSearch(_Search):
     """uint8 descriptors on CPU: torch's int8 product of the halved descriptors (exact integers, twice as
     fast as float32; non-negative operands run twice as fast again as signed ones), numpy's reductions
-    (they vectorise along a row where torch's top-k does not: 5,000 x 5,000 in 17 ms against 57 ms)."""
+    (they vectorise along a row where torch's top-k does not: 5,000 x 5,000 in 17 ms against 57 ms), and
+    exact integer distances. Each image's operands are prepared once per process (:class:`_Operands`), not
+    once per pair: an image is in k pairs or more."""
 
-    def __init__(self, desc_a: np.ndarray, desc_b: np.ndarray) -> None:
+    def __init__(self, desc_a: np.ndarray, desc_b: np.ndarray) -> None:  # noqa: super() not called: no floats
+        self.a, self.b = _operands(desc_a), _operands(desc_b)
+
+    def distance(self, i: np.ndarray, j: np.ndarray) -> np.ndarray:
+        missing = (i < 0) | (j < 0)
+        i, j = np.where(missing, 0, i), np.where(missing, 0, j)
+        dot = np.einsum("ij,ij->i", self.a.wide[i], self.b.wide[j])
+        d2 = (self.a.sq[i] + self.b.sq[j] - 2 * dot).astype(np.float64)
+        return np.where(missing, np.inf, np.sqrt(np.clip(d2, 0, None)) / SIFT_NORM)
+
+    def best_two(self, queries: np.ndarray | None, forward: bool, block: int) -> tuple[np.ndarray, np.ndarray]:
         import torch
 
-        super().__init__(desc_a, desc_b)
-        self.half = [torch.from_numpy(np.ascontiguousarray(d >> 1).view(np.int8)) for d in (desc_a, desc_b)]
-
-    def best_two(self, queries: np.ndarray, forward: bool, block: int) -> tuple[np.ndarray, np.ndarray]:
-        import torch
-
-        query, index = self.half if forward else self.half[::-1]
-        query = query[torch.from_numpy(queries)]
-        others = index.T.contiguous()
+        query, index = (self.a, self.b) if forward else (self.b, self.a)
+        q = query.half if queries is None else query.half[torch.from_numpy(queries)]
+        others = index.half_t
         rows = max(1, block // others.shape[1])
-        first, second = np.empty(len(query), np.int64), np.full(len(query), -1, np.int64)
-        for s in range(0, len(query), rows):
-            sim = torch._int_mm(query[s : s + rows], others).numpy()
-            r = np.arange(len(sim))
+        first, second = np.empty(len(q), np.int64), np.full(len(q), -1, np.int64)
+        lowest = np.iinfo(np.int32).min
+        for s in range(0, len(q), rows):
+            sim = torch._int_mm(q[s : s + rows], others).numpy()
             first[s : s + rows] = at = sim.argmax(axis=1)
             if sim.shape[1] > 1:
-                sim[r, at] = np.iinfo(np.int32).min
+                sim[np.arange(len(sim)), at] = lowest
                 second[s : s + rows] = sim.argmax(axis=1)
         return first, second
+
+
+class _Operands:
+    """One image's uint8 descriptors as the integer search uses them: halved int8 rows (torch's int8
+    product needs [n, 128] and its transpose [128, n] contiguous), int32 rows and squared norms for the
+    exact distances."""
+
+    def __init__(self, desc: np.ndarray) -> None:
+        import torch
+
+        self.half = torch.from_numpy(np.ascontiguousarray(desc >> 1).view(np.int8))
+        self.half_t = self.half.T.contiguous()
+        self.wide = desc.astype(np.int32)
+        self.sq = np.einsum("ij,ij->i", self.wide, self.wide).astype(np.int64)
+        self.nbytes = 2 * self.half.numel() + self.wide.nbytes
+
+
+_OPERANDS: OrderedDict[int, tuple[np.ndarray, _Operands]] = OrderedDict()
+_OPERANDS_BYTES = 64 << 20
+_operands_lock = threading.Lock()
+
+
+def _operands(desc: np.ndarray) -> _Operands:
+    """``desc``'s operands, kept per process (least recently used dropped beyond 64 MB) when the array is
+    read-only, as rows read through array references are: its bytes cannot change while it is kept (the
+    entry holds the array, so its ``id`` is not reused). A writable array is prepared afresh each time."""
+    if desc.flags.writeable:
+        return _Operands(desc)
+    key = id(desc)
+    with _operands_lock:
+        hit = _OPERANDS.get(key)
+        if hit is not None and hit[0] is desc:
+            _OPERANDS.move_to_end(key)
+            return hit[1]
+    made = _Operands(desc)
+    with _operands_lock:
+        _OPERANDS[key] = (desc, made)
+        total = sum(entry.nbytes for _, entry in _OPERANDS.values())
+        while total > _OPERANDS_BYTES and len(_OPERANDS) > 1:
+            total -= _OPERANDS.popitem(last=False)[1][1].nbytes
+    return made
 
 
 class _FloatSearch(_Search):
@@ -143,7 +193,8 @@ class _FloatSearch(_Search):
         import torch
 
         query, index = self.tensors if forward else self.tensors[::-1]
-        query = query[torch.from_numpy(queries).to(self.device)]
+        if queries is not None:
+            query = query[torch.from_numpy(queries).to(self.device)]
         rows = max(1, block // len(index))
         k = min(2, len(index))
         top = torch.full((len(query), 2), -1, dtype=torch.long, device=query.device)
@@ -155,12 +206,18 @@ class _FloatSearch(_Search):
 
 def _integer_product(desc_a: np.ndarray, desc_b: np.ndarray, device: str) -> bool:
     """Whether torch's int8 matrix product serves these descriptors (uint8 on CPU, where torch has it)."""
+    return desc_a.dtype == np.uint8 and desc_b.dtype == np.uint8 and device == "cpu" and _int8_product_runs()
+
+
+@functools.lru_cache(maxsize=1)
+def _int8_product_runs() -> bool:
+    """Whether this torch build runs ``_int_mm`` on CPU (checked once per process)."""
     import torch
 
-    if desc_a.dtype != np.uint8 or desc_b.dtype != np.uint8 or device != "cpu" or not hasattr(torch, "_int_mm"):
+    if not hasattr(torch, "_int_mm"):
         return False
     try:
-        probe = torch.zeros((32, desc_a.shape[1]), dtype=torch.int8)
+        probe = torch.zeros((32, 128), dtype=torch.int8)
         torch._int_mm(probe, probe.T.repeat(1, 8).contiguous())
         return True
     except RuntimeError:

@@ -39,8 +39,8 @@ class Reconstruct(Op):
     params = {
         "mapper": Param("incremental", "pycolmap's incremental_mapping (COLMAP) or global_mapping (GLOMAP)", MAPPERS),
         "min_images": Param(3, "fewer images with features than this: the scene is an error"),
-        "threads": Param(-1, "threads of the mapper (-1: all cores; Ceres threads only bundle adjustments of "
-                         "more than 50,000 residuals, so small scenes in parallel never oversubscribe)"),
+        "threads": Param(-1, "threads of the mapper and the undistortion (-1: all cores; Ceres threads only bundle "
+                         "adjustments of more than 50,000 residuals, so small scenes in parallel never oversubscribe)"),
         "depth_column": Param(None, "column of metric depth maps (.npy metres or 16-bit PNG millimetres) for the scale",
                               types=(str, type(None))),
         "position_columns": Param(None, "columns of known camera positions in metres, e.g. [x, y, z] (GPS in a local "
@@ -134,7 +134,7 @@ class Reconstruct(Op):
         depth, positions = self._cues(row, usable)
         fused = scale.estimate(rec, depth, positions, self.config["scale_weights"], self.config["iqr_k"])
         scale.apply(rec, fused.scale)
-        model_dir = export.export_model(rec, image_dir, model, self.config["undistort"])
+        model_dir = export.export_model(rec, image_dir, model, self.config["undistort"], self.config["threads"])
         points = np.array([p.xyz for p in rec.points3D.values()]).reshape(-1, 3)
         centres = np.array([im.projection_center() for im in rec.images.values() if im.has_pose]).reshape(-1, 3)
         top = draw.label(draw.top_down(points, centres), f"{len(registered)}/{n_images} registered")
