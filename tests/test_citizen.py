@@ -88,6 +88,22 @@ def test_workers_see_the_environment_of_the_driver_as_it_is_at_each_run(tmp_path
     assert got["before"] in ([None, None], ["", ""]) and got["after"] == ["set-in-the-notebook"] * 2
 
 
+def test_forked_workers_size_their_blas_pools_to_their_threads(tmp_path):
+    """The fork server imported numpy with one BLAS thread per core; each of its workers must shrink that
+    pool to its own threads, or N workers run N x cores threads in every numpy product."""
+    proc = fresh_python(f"""
+        import json, sys
+        sys.path.insert(0, {str(REPO / 'tests')!r})
+        import numpy, pandas as pd
+        import daskmv
+        pd.DataFrame({{"id": ["a", "b", "c", "d"]}}).to_csv({str(tmp_path / 'm.csv')!r}, index=False)
+        r = daskmv.run({str(tmp_path / 'm.csv')!r}, ["testops:BlasThreads"], {str(tmp_path / 'o')!r}, workers=2,
+                       progress="none")
+        print(json.dumps(sorted(set(r.manifest()["blas_threads"].tolist()))))
+    """)
+    assert result(proc) == [1]
+
+
 # -- matplotlib ----------------------------------------------------------------------------------------
 def test_a_report_leaves_the_users_matplotlib_backend_and_pyplot_alone(dataset, client, tmp_path):
     out = tmp_path / "out"

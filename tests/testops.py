@@ -494,3 +494,17 @@ class SplatDies(Splat):
     def after_step(self, step):
         if step == self.config["die_at"] and self.trainer.resumed_from is None:
             os._exit(3)
+
+
+class BlasThreads(Op):
+    """The threads of the worker's BLAS pools (numpy's OpenBLAS) as its products will use them."""
+
+    name = "testops:BlasThreads"
+    inputs = ("id",)
+    outputs = (Output("blas_threads", "column", "int64"),)
+
+    def process(self, rows):
+        from threadpoolctl import threadpool_info
+
+        threads = max((pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"), default=0)
+        return [{"blas_threads": threads} for _ in rows]
