@@ -26,8 +26,6 @@ import math
 import os
 import posixpath
 import sys
-import threading
-from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -37,6 +35,8 @@ import google_crc32c
 import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, ZstdCodec
+
+from daskmv.caches import ProcessCache
 
 #: Rows per inner chunk aim at this many bytes: reading one row reads at most this much more.
 INNER_CHUNK_BYTES = 1 << 19
@@ -724,52 +724,12 @@ def open_array(url: str, storage_options: dict[str, Any] | None = None) -> OpenA
     return OpenArray(url, storage_options)
 
 
-class _Readers:
-    """The arrays this process keeps open, least recently used first; safe across threads and forks."""
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.open: OrderedDict[Any, OpenArray] = OrderedDict()
-        self.pid = os.getpid()
-
-    def get(self, url: str, storage_options: dict[str, Any] | None, version: Any) -> OpenArray:
-        if self.pid != os.getpid():  # a forked child that register_at_fork did not reach
-            self.__init__()  # type: ignore[misc]
-        key = (url, options_key(storage_options), version)
-        with self.lock:
-            reader = self.open.get(key)
-            if reader is not None:
-                self.open.move_to_end(key)
-                return reader
-        reader = OpenArray(url, storage_options)  # outside the lock: another thread may open one too
-        with self.lock:
-            self.open[key] = reader
-            while len(self.open) > READERS_KEPT:
-                self.open.popitem(last=False)
-        return reader
-
-    def forget(self, version: Any = None) -> None:
-        """Drop the arrays opened for ``version`` (all of them when None)."""
-        with self.lock:
-            for key in [k for k in self.open if version is None or k[2] == version]:
-                del self.open[key]
-
-
 def options_key(storage_options: dict[str, Any] | None) -> str:
     """Storage options as a hashable key (JSON, sorted)."""
     return json.dumps(storage_options or {}, sort_keys=True, default=repr)
 
 
-_READERS = _Readers()
-
-
-def _after_fork() -> None:  # a child starts with no arrays open and a fresh lock
-    global _READERS
-    _READERS = _Readers()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork)
+_READERS: ProcessCache[OpenArray] = ProcessCache(READERS_KEPT)
 
 
 def read_array_row(url: str, row: int, storage_options: dict[str, Any] | None = None, *,
@@ -783,9 +743,34 @@ def read_array_row(url: str, row: int, storage_options: dict[str, Any] | None = 
     """
     if version is None:
         return OpenArray(url, storage_options).row(row)
-    return _READERS.get(url, storage_options, version).row(row)
+    key = (url, options_key(storage_options), version)
+    return _READERS.get_or_make(key, lambda: OpenArray(url, storage_options)).row(row)
 
 
 def forget_arrays(version: Any = None) -> None:
     """Drop this process's open arrays of ``version`` (all when None): their data was replaced."""
-    _READERS.forget(version)
+    _READERS.drop(None if version is None else lambda key: key[2] == version)
+
+
+#: Bytes of rows read through array references a process keeps (least recently used dropped first).
+REFERENCE_ROWS_BYTES = 256 << 20
+_REFERENCE_ROWS: ProcessCache[np.ndarray] = ProcessCache(REFERENCE_ROWS_BYTES, size=lambda array: array.nbytes)
+
+
+def read_reference_row(url: str, row: int, storage_options: dict[str, Any] | None = None) -> np.ndarray:
+    """One row behind an array reference of a finished run, kept in this process and read-only.
+
+    A pair manifest names each image's features once per pair: the 793 pairs of a 60-image scene read 120
+    rows, not 3,172, and each read of an opened array skips its metadata. Safe because the bytes under a
+    reference never change (every attempt writes files named by its own random token). The array is
+    read-only, so an op that would modify a shared input fails loudly instead of corrupting the others."""
+    key = (url, int(row), options_key(storage_options))
+    return _REFERENCE_ROWS.get_or_make(key, lambda: _read_only_row(url, row, storage_options))
+
+
+def _read_only_row(url: str, row: int, storage_options: dict[str, Any] | None) -> np.ndarray:
+    array = read_array_row(url, row, storage_options, version="immutable")
+    if array.base is not None:  # a view would keep its whole decoded chunk alive: keep the row alone
+        array = array.copy()
+    array.setflags(write=False)
+    return array

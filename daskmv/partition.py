@@ -26,7 +26,7 @@ import os
 import socket
 import threading
 import time
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -770,7 +770,8 @@ def _load_list(values: list[Any], column: str, kinds: frozenset[str], task: Part
 
 def _read_reference(ref: str, task: PartitionTask) -> Any:
     """The array behind a reference of an earlier run (relative to this run's manifest), read-only: rows
-    that name the same reference share one array (see :class:`_ReferenceRows`)."""
+    that name the same reference share one array (see :func:`daskmv.arrays.read_reference_row`)."""
+    from daskmv.arrays import read_reference_row
     from daskmv.store import parse_ref
 
     try:
@@ -779,54 +780,9 @@ def _read_reference(ref: str, task: PartitionTask) -> Any:
         raise RowError(str(exc)) from None
     url = resolve_path(path, task.base)
     try:
-        return _REFERENCE_ROWS.get(url, row, task.storage_options or None)
+        return read_reference_row(url, row, task.storage_options or None)
     except FileNotFoundError:
         raise RowError(f"the array {ref!r} is not there") from None
-
-
-#: Bytes of referenced rows a worker process keeps (least recently used dropped first).
-REFERENCE_ROWS_BYTES = 256 << 20
-
-
-class _ReferenceRows:
-    """Rows read through array references, kept per worker process.
-
-    A pair manifest names each image's features once per pair: the 793 pairs of a 60-image scene read
-    120 rows, not 3,172, and each read of an opened array skips its metadata. Safe because the bytes under
-    a reference never change: every attempt writes files named by its own random token. The arrays are
-    made read-only, so an op that would modify a shared input fails loudly instead of corrupting others."""
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.rows: OrderedDict[tuple[str, int, str], np.ndarray] = OrderedDict()
-        self.bytes = 0
-        self.pid = os.getpid()
-
-    def get(self, url: str, row: int, storage_options: dict[str, Any] | None) -> np.ndarray:
-        from daskmv.arrays import options_key, read_array_row
-
-        if self.pid != os.getpid():  # a forked child starts empty
-            self.__init__()  # type: ignore[misc]
-        key = (url, int(row), options_key(storage_options))
-        with self.lock:
-            found = self.rows.get(key)
-            if found is not None:
-                self.rows.move_to_end(key)
-                return found
-        array = read_array_row(url, row, storage_options, version="immutable")  # outside the lock
-        if array.base is not None:  # a view would keep its whole decoded chunk alive: keep the row alone
-            array = array.copy()
-        array.setflags(write=False)
-        with self.lock:
-            if key not in self.rows and array.nbytes <= REFERENCE_ROWS_BYTES:
-                self.rows[key] = array
-                self.bytes += array.nbytes
-                while self.bytes > REFERENCE_ROWS_BYTES:
-                    self.bytes -= self.rows.popitem(last=False)[1].nbytes
-        return array
-
-
-_REFERENCE_ROWS = _ReferenceRows()
 
 
 def _apply(prepared: PreparedPipeline, k: int, rows: list[Row], batch_size: int, res: RowResults) -> list[Row | BaseException]:

@@ -223,19 +223,19 @@ def test_zero_size_values_are_stored_and_read_back(tmp_path, compression, first_
 def test_referenced_rows_are_read_once_shared_read_only_and_bounded(tmp_path, monkeypatch):
     """A pair manifest names each image's features once per pair: a worker reads each row once, hands the
     same read-only array to every row that names it, and keeps no more than its byte budget."""
-    from daskmv import partition
+    from daskmv import arrays
 
     values = [np.full((k + 1, 128), k, np.uint8) for k in range(6)]
     url = str(tmp_path / "r")
     write_ragged(url, values, np.dtype(np.uint8), None, None)
-    rows = partition._ReferenceRows()
-    first = rows.get(url, 2, None)
-    assert np.array_equal(first, values[2]) and rows.get(url, 2, None) is first
+    first = arrays.read_reference_row(url, 2)
+    assert np.array_equal(first, values[2]) and arrays.read_reference_row(url, 2) is first
     with pytest.raises(ValueError, match="read-only"):
         first[0, 0] = 1
-    monkeypatch.setattr(partition, "REFERENCE_ROWS_BYTES", 3 * 128 + 4 * 128)  # rows 2 and 3 fit, not row 4 too
-    rows.get(url, 3, None)
-    rows.get(url, 4, None)
-    assert rows.bytes <= partition.REFERENCE_ROWS_BYTES
-    assert rows.get(url, 2, None) is not first  # the least recently used row was dropped and is read again
-    assert all(np.array_equal(rows.get(url, i, None), values[i]) for i in range(6))
+    kept = arrays._REFERENCE_ROWS
+    monkeypatch.setattr(kept, "budget", 3 * 128 + 4 * 128)  # rows 2 and 3 fit, not row 4 too
+    arrays.read_reference_row(url, 3)
+    arrays.read_reference_row(url, 4)
+    assert kept.total <= kept.budget
+    assert arrays.read_reference_row(url, 2) is not first  # the least recently used row was dropped: read again
+    assert all(np.array_equal(arrays.read_reference_row(url, i), values[i]) for i in range(6))

@@ -16,12 +16,11 @@ from __future__ import annotations
 import functools
 import json
 import math
-import threading
-from collections import OrderedDict
 from typing import Any
 
 import numpy as np
 
+from daskmv.caches import ProcessCache
 from daskmv.errors import PipelineError, RowError
 from daskmv.ops.base import Op, Output, Param, Row
 from daskmv.ops.registry import register_op
@@ -153,30 +152,17 @@ class _Operands:
         self.nbytes = 2 * self.half.numel() + self.wide.nbytes
 
 
-_OPERANDS: OrderedDict[int, tuple[np.ndarray, _Operands]] = OrderedDict()
-_OPERANDS_BYTES = 64 << 20
-_operands_lock = threading.Lock()
+#: Operands of read-only descriptor arrays, kept per process: the entry holds the array, so its ``id`` is
+#: not reused while it is kept.
+_OPERANDS: ProcessCache[tuple[np.ndarray, _Operands]] = ProcessCache(64 << 20, size=lambda entry: entry[1].nbytes)
 
 
 def _operands(desc: np.ndarray) -> _Operands:
-    """``desc``'s operands, kept per process (least recently used dropped beyond 64 MB) when the array is
-    read-only, as rows read through array references are: its bytes cannot change while it is kept (the
-    entry holds the array, so its ``id`` is not reused). A writable array is prepared afresh each time."""
+    """``desc``'s operands, made once per process when the array is read-only, as rows read through array
+    references are (their bytes cannot change while kept); a writable array is prepared afresh each time."""
     if desc.flags.writeable:
         return _Operands(desc)
-    key = id(desc)
-    with _operands_lock:
-        hit = _OPERANDS.get(key)
-        if hit is not None and hit[0] is desc:
-            _OPERANDS.move_to_end(key)
-            return hit[1]
-    made = _Operands(desc)
-    with _operands_lock:
-        _OPERANDS[key] = (desc, made)
-        total = sum(entry.nbytes for _, entry in _OPERANDS.values())
-        while total > _OPERANDS_BYTES and len(_OPERANDS) > 1:
-            total -= _OPERANDS.popitem(last=False)[1][1].nbytes
-    return made
+    return _OPERANDS.get_or_make(id(desc), lambda: (desc, _Operands(desc)))[1]
 
 
 class _FloatSearch(_Search):
