@@ -201,6 +201,29 @@ def test_each_scene_gets_its_model_or_its_own_clear_error(mixed, client, tmp_pat
     assert scratch_folders(client) - before == set()
 
 
+def test_sift_sees_colmaps_grey_image_and_finds_pycolmaps_own_features(tmp_path):
+    """The features op on a colour photo gives exactly what pycolmap's own extract_features stores for the
+    same file: the same grey image (Rec. 709, rounded half up), so the same keypoints and descriptors."""
+    from daskmv.sfm.features import Features, colmap_grey
+
+    image, _ = synthetic.render(synthetic.room(5), synthetic.orbit(1, seed=5)[0])
+    folder = tmp_path / "images"
+    folder.mkdir()
+    cv2.imwrite(str(folder / "view.png"), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
+    assert np.array_equal(colmap_grey(image), np.asarray(pycolmap.Bitmap.read(str(folder / "view.png"), False)
+                                                         .to_array()).squeeze())
+    pycolmap.extract_features(tmp_path / "db.db", folder)
+    with pycolmap.Database.open(str(tmp_path / "db.db")) as db:
+        (stored,) = db.read_all_images()
+        keypoints, descriptors = db.read_keypoints(stored.image_id), db.read_descriptors(stored.image_id)
+    op = Features()
+    op.setup("cpu")
+    got = op.process([{"image": image}])[0]
+    assert len(got["keypoints"]) == len(keypoints) > 1000
+    assert np.allclose(got["keypoints"], keypoints, atol=1e-3)
+    assert np.array_equal(got["descriptors"], np.asarray(getattr(descriptors, "data", descriptors)))
+
+
 def test_tiled_features_equal_untiled_ones():
     cam = synthetic.orbit(1, width=1600, height=1200, seed=3)[0]
     image, _ = synthetic.render(synthetic.room(3), cam)
@@ -520,8 +543,10 @@ def test_global_descriptors_rank_overlapping_views_first(tmp_path):
     np.fill_diagonal(sim, -1)
     top3 = np.argsort(-sim, axis=1)[:, :3]
     ring = np.abs((top3 - np.arange(n)[:, None] + n // 2) % n - n // 2)  # steps along the loop
-    assert (ring[:, 0] <= 2).mean() >= 0.8, ring[:, 0]  # the nearest is a near view (0.875 measured)
-    assert (ring == 1).any(axis=1).mean() >= 0.85, ring  # an adjacent view among the 3 nearest (0.92 measured)
+    # the nearest is a near view: 0.71 measured (chance: 4 of 23 views, 0.17); it was 0.875 with OpenCV's grey
+    # image under SIFT, before the features became pycolmap's own (COLMAP's grey)
+    assert (ring[:, 0] <= 2).mean() >= 0.65, ring[:, 0]
+    assert (ring == 1).any(axis=1).mean() >= 0.85, ring  # an adjacent view among the 3 nearest (0.875 measured)
 
     class Pool(torch.nn.Module):
         def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -139,16 +139,15 @@ def build_vocabulary(descriptors: np.ndarray, k: int = 64, seed: int = 0, iterat
 
 def main() -> None:
     """Rebuild the shipped vocabulary from synthetic rooms (deterministic)."""
-    from daskmv.sfm.features import Extractor
+    from daskmv.sfm.features import Extractor, colmap_grey
     from daskmv.sfm.synthetic import orbit, render, room
-    import cv2
 
-    extractor = Extractor("pycolmap", 2048, 0.0067, False)
+    extractor = Extractor("pycolmap", 2048, 0.02 / 3, False)
     parts = []
     for seed in range(100, 106):
         for cam in orbit(3, seed=seed):
             image, _ = render(room(seed), cam)
-            parts.append(extractor(cv2.cvtColor(image, cv2.COLOR_RGB2GRAY))[1])
+            parts.append(extractor(colmap_grey(image))[1])
     sample = np.concatenate(parts)
     sample = sample[np.random.default_rng(0).choice(len(sample), min(len(sample), 20000), replace=False)]
     np.save(VOCABULARY, build_vocabulary(sample).astype(np.float16))
