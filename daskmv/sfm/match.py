@@ -74,19 +74,11 @@ def _passes(first: np.ndarray, second: np.ndarray, ratio: float, max_distance: f
 
 
 class _Search:
-    """Descriptors of both images and the products that rank them; subclasses say on what hardware."""
-
-    def __init__(self, desc_a: np.ndarray, desc_b: np.ndarray) -> None:
-        self.unit_a, self.unit_b = _unit(desc_a), _unit(desc_b)
-        self.sq_a, self.sq_b = (np.einsum("ij,ij->i", u, u) for u in (self.unit_a, self.unit_b))
+    """The two searches of a pair's matching; subclasses say with what numbers and on what hardware."""
 
     def distance(self, i: np.ndarray, j: np.ndarray) -> np.ndarray:
-        """Exact L2 between a[i] and b[j] (``inf`` where an index is -1: no such neighbour)."""
-        missing = (i < 0) | (j < 0)
-        i, j = np.where(missing, 0, i), np.where(missing, 0, j)
-        dot = np.einsum("ij,ij->i", self.unit_a[i], self.unit_b[j])
-        d = np.sqrt(np.clip(self.sq_a[i] + self.sq_b[j] - 2 * dot, 0, None))
-        return np.where(missing, np.inf, d)
+        """Exact L2 between a[i] and b[j] at unit length (``inf`` where an index is -1: no such neighbour)."""
+        raise NotImplementedError
 
     def best_two(self, queries: np.ndarray | None, forward: bool, block: int) -> tuple[np.ndarray, np.ndarray]:
         """For a's rows ``queries`` (forward; None: all) or b's, the indices of the two most similar on the other side
@@ -109,7 +101,7 @@ class _IntegerSearch(_Search):
     exact integer distances. Each image's operands are prepared once per process (:class:`_Operands`), not
     once per pair: an image is in k pairs or more."""
 
-    def __init__(self, desc_a: np.ndarray, desc_b: np.ndarray) -> None:  # noqa: super() not called: no floats
+    def __init__(self, desc_a: np.ndarray, desc_b: np.ndarray) -> None:
         self.a, self.b = _operands(desc_a), _operands(desc_b)
 
     def distance(self, i: np.ndarray, j: np.ndarray) -> np.ndarray:
@@ -171,11 +163,19 @@ class _FloatSearch(_Search):
     def __init__(self, desc_a: np.ndarray, desc_b: np.ndarray, device: str) -> None:
         import torch
 
-        super().__init__(desc_a, desc_b)
+        self.unit_a, self.unit_b = _unit(desc_a), _unit(desc_b)
+        self.sq_a, self.sq_b = (np.einsum("ij,ij->i", u, u) for u in (self.unit_a, self.unit_b))
         self.device = device
         self.tensors = [torch.from_numpy(u.astype(np.float32)).to(device) for u in (self.unit_a, self.unit_b)]
 
-    def best_two(self, queries: np.ndarray, forward: bool, block: int) -> tuple[np.ndarray, np.ndarray]:
+    def distance(self, i: np.ndarray, j: np.ndarray) -> np.ndarray:
+        missing = (i < 0) | (j < 0)
+        i, j = np.where(missing, 0, i), np.where(missing, 0, j)
+        dot = np.einsum("ij,ij->i", self.unit_a[i], self.unit_b[j])
+        d = np.sqrt(np.clip(self.sq_a[i] + self.sq_b[j] - 2 * dot, 0, None))
+        return np.where(missing, np.inf, d)
+
+    def best_two(self, queries: np.ndarray | None, forward: bool, block: int) -> tuple[np.ndarray, np.ndarray]:
         import torch
 
         query, index = self.tensors if forward else self.tensors[::-1]
