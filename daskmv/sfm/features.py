@@ -113,9 +113,13 @@ def root_sift_uint8(desc: np.ndarray) -> np.ndarray:
 
 #: COLMAP's grey image: Rec. 709 luma rounded half up, bit for bit what ``pycolmap.Bitmap`` makes of a colour
 #: image. OpenCV's RGB2GRAY (Rec. 601) differs by 1.3 levels on average, which was enough to make the mapper
-#: on the 10 Sacre-Coeur photos land on models of 745 to 1,441 points by seed, where COLMAP's grey gives
-#: 1,446 points for every seed.
+#: on the 10 Sacre-Coeur photos land on models of 745 to 1,441 points by seed, where COLMAP's grey (and
+#: threshold) give 1,444 points for every seed.
 GREY_WEIGHTS = np.array([0.2126, 0.7152, 0.0722], np.float32)
+
+
+#: pycolmap's default SIFT peak (contrast) threshold.
+PEAK_THRESHOLD = 0.02 / 3
 
 
 def colmap_grey(image: np.ndarray) -> np.ndarray:
@@ -168,7 +172,7 @@ class Features(Op):
                        types=(str, type(None))),
         "max_features": Param(8192, "most features per image (per tile for tiled images)"),
         "max_image_size": Param(3200, "images with a longer side are downscaled to it first (unless tiled)"),
-        "peak_threshold": Param(0.02 / 3, "SIFT's contrast threshold (pycolmap's peak_threshold, its default)"),
+        "peak_threshold": Param(PEAK_THRESHOLD, "SIFT's contrast threshold (pycolmap's peak_threshold, its default)"),
         "upright": Param(False, "one orientation per keypoint (for upright cameras)"),
         "tile_above": Param(0, "tile images with a side above this many pixels at full resolution (0: never)"),
         "tile_size": Param(2048, "tile side in pixels"),

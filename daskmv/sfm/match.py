@@ -78,6 +78,12 @@ class _Search:
 
     def distance(self, i: np.ndarray, j: np.ndarray) -> np.ndarray:
         """Exact L2 between a[i] and b[j] at unit length (``inf`` where an index is -1: no such neighbour)."""
+        missing = (i < 0) | (j < 0)
+        d = self._distance(np.where(missing, 0, i), np.where(missing, 0, j))
+        return np.where(missing, np.inf, d)
+
+    def _distance(self, i: np.ndarray, j: np.ndarray) -> np.ndarray:
+        """:meth:`distance` for valid indices."""
         raise NotImplementedError
 
     def best_two(self, queries: np.ndarray | None, forward: bool, block: int) -> tuple[np.ndarray, np.ndarray]:
@@ -104,12 +110,10 @@ class _IntegerSearch(_Search):
     def __init__(self, desc_a: np.ndarray, desc_b: np.ndarray) -> None:
         self.a, self.b = _operands(desc_a), _operands(desc_b)
 
-    def distance(self, i: np.ndarray, j: np.ndarray) -> np.ndarray:
-        missing = (i < 0) | (j < 0)
-        i, j = np.where(missing, 0, i), np.where(missing, 0, j)
+    def _distance(self, i: np.ndarray, j: np.ndarray) -> np.ndarray:
         dot = np.einsum("ij,ij->i", self.a.wide[i], self.b.wide[j])
         d2 = (self.a.sq[i] + self.b.sq[j] - 2 * dot).astype(np.float64)
-        return np.where(missing, np.inf, np.sqrt(np.clip(d2, 0, None)) / SIFT_NORM)
+        return np.sqrt(np.clip(d2, 0, None)) / SIFT_NORM
 
     def best_two(self, queries: np.ndarray | None, forward: bool, block: int) -> tuple[np.ndarray, np.ndarray]:
         import torch
@@ -168,12 +172,9 @@ class _FloatSearch(_Search):
         self.device = device
         self.tensors = [torch.from_numpy(u.astype(np.float32)).to(device) for u in (self.unit_a, self.unit_b)]
 
-    def distance(self, i: np.ndarray, j: np.ndarray) -> np.ndarray:
-        missing = (i < 0) | (j < 0)
-        i, j = np.where(missing, 0, i), np.where(missing, 0, j)
+    def _distance(self, i: np.ndarray, j: np.ndarray) -> np.ndarray:
         dot = np.einsum("ij,ij->i", self.unit_a[i], self.unit_b[j])
-        d = np.sqrt(np.clip(self.sq_a[i] + self.sq_b[j] - 2 * dot, 0, None))
-        return np.where(missing, np.inf, d)
+        return np.sqrt(np.clip(self.sq_a[i] + self.sq_b[j] - 2 * dot, 0, None))
 
     def best_two(self, queries: np.ndarray | None, forward: bool, block: int) -> tuple[np.ndarray, np.ndarray]:
         import torch

@@ -139,10 +139,10 @@ def build_vocabulary(descriptors: np.ndarray, k: int = 64, seed: int = 0, iterat
 
 def main() -> None:
     """Rebuild the shipped vocabulary from synthetic rooms (deterministic)."""
-    from daskmv.sfm.features import Extractor, colmap_grey
+    from daskmv.sfm.features import PEAK_THRESHOLD, Extractor, colmap_grey
     from daskmv.sfm.synthetic import orbit, render, room
 
-    extractor = Extractor("pycolmap", 2048, 0.02 / 3, False)
+    extractor = Extractor("pycolmap", 2048, PEAK_THRESHOLD, False)
     parts = []
     for seed in range(100, 106):
         for cam in orbit(3, seed=seed):
