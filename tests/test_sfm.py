@@ -224,6 +224,33 @@ def test_sift_sees_colmaps_grey_image_and_finds_pycolmaps_own_features(tmp_path)
     assert np.array_equal(got["descriptors"], np.asarray(getattr(descriptors, "data", descriptors)))
 
 
+def test_sift_on_an_image_above_max_image_size_equals_pycolmaps(tmp_path):
+    """An image with a side above ``max_image_size`` is resized as pycolmap's extractor resizes it, and the
+    keypoints are mapped back to the full image as pycolmap maps them: the same features as pycolmap's."""
+    from daskmv.sfm.features import Features
+
+    image, _ = synthetic.render(synthetic.room(5), synthetic.orbit(1, seed=5)[0])  # 640 x 480
+    folder = tmp_path / "images"
+    folder.mkdir()
+    cv2.imwrite(str(folder / "view.png"), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
+    options = pycolmap.FeatureExtractionOptions()
+    options.max_image_size = 500
+    pycolmap.extract_features(tmp_path / "db.db", folder, extraction_options=options)
+    with pycolmap.Database.open(str(tmp_path / "db.db")) as db:
+        (stored,) = db.read_all_images()
+        keypoints, descriptors = db.read_keypoints(stored.image_id), db.read_descriptors(stored.image_id)
+    op = Features(max_image_size=500)
+    op.setup("cpu")
+    got = op.process([{"image": image}])[0]
+    assert (got["width"], got["height"]) == (640, 480)
+    assert len(got["keypoints"]) == len(keypoints) > 500
+    assert np.allclose(got["keypoints"][:, :2], keypoints[:, :2], atol=1e-3)  # full-image positions
+    assert keypoints[:, :2].max() > 600  # ... which do reach beyond the resized image
+    # the affine shape: COLMAP scales its columns, we its rows; the same for a uniform resize
+    assert np.allclose(got["keypoints"][:, 2:], keypoints[:, 2:], atol=1e-2)
+    assert np.array_equal(got["descriptors"], np.asarray(getattr(descriptors, "data", descriptors)))
+
+
 def test_tiled_features_equal_untiled_ones():
     cam = synthetic.orbit(1, width=1600, height=1200, seed=3)[0]
     image, _ = synthetic.render(synthetic.room(3), cam)

@@ -133,6 +133,16 @@ def colmap_grey(image: np.ndarray) -> np.ndarray:
     return (r * rgb[..., 0] + g * rgb[..., 1] + b * rgb[..., 2] + np.float32(0.5)).astype(np.uint8)
 
 
+def to_full_image(keypoints: np.ndarray, sx: float, sy: float) -> np.ndarray:
+    """Keypoints found on an image resized by 1/sx, 1/sy, in the full image's coordinates, as COLMAP maps
+    them back: positions multiplied (no half-pixel shift) and the affine shape's rows scaled with them
+    (COLMAP scales its columns instead: the same to within |sx - sy|, a few hundredths of a per cent)."""
+    out = keypoints.copy()
+    out[:, [0, 2, 3]] *= np.float32(sx)
+    out[:, [1, 4, 5]] *= np.float32(sy)
+    return out
+
+
 def extract(gray: np.ndarray, extractor: Any, tile_above: int = 0, tile_size: int = 2048,
             tile_overlap: int = 128) -> tuple[np.ndarray, np.ndarray]:
     """Features of a gray image, tiled when a side is above ``tile_above`` (0: never)."""
@@ -239,23 +249,35 @@ class Features(Op):
             return cv2.cvtColor(image, cv2.COLOR_RGB2GRAY) if image.ndim == 3 else image
         return colmap_grey(image)
 
-    def _one(self, row: Row) -> Row:
+    def _downscale(self, gray: np.ndarray) -> np.ndarray:
+        """``gray`` with its longer side at ``max_image_size``: for pycolmap's SIFT, resized by pycolmap's own
+        Bitmap as its extractor resizes (its features then equal pycolmap's for large images too); with
+        OpenCV's area filter for the other extractors."""
+        size = self.config["max_image_size"]
+        if not self.config["model"] and self.config["backend"] == "pycolmap":
+            import pycolmap
+
+            bitmap = pycolmap.Bitmap.from_array(gray)
+            bitmap.thumbnail(size)
+            return np.ascontiguousarray(np.asarray(bitmap.to_array()).reshape(bitmap.height, bitmap.width))
         import cv2
 
+        h, w = gray.shape[:2]
+        factor = size / max(h, w)
+        return cv2.resize(gray, (round(w * factor), round(h * factor)), interpolation=cv2.INTER_AREA)
+
+    def _one(self, row: Row) -> Row:
         gray = self._grey(row["image"])
         h, w = gray.shape[:2]
         c = self.config
         tiled = bool(c["tile_above"]) and max(h, w) > c["tile_above"]
-        factor = 1.0
         if not tiled and max(h, w) > c["max_image_size"]:
-            factor = c["max_image_size"] / max(h, w)
-            gray = cv2.resize(gray, (round(w * factor), round(h * factor)), interpolation=cv2.INTER_AREA)
+            gray = self._downscale(gray)
         if gray.std() < 1.0:
             raise RowError(f"the image is blank (a single grey level, {w}x{h}): no features")
         keypoints, descriptors = extract(gray, self.extractor, c["tile_above"] if tiled else 0, c["tile_size"],
                                          c["tile_overlap"])
-        if factor != 1.0:
-            keypoints[:, :2] /= factor
-            keypoints[:, 2:] /= factor
+        if gray.shape[:2] != (h, w):
+            keypoints = to_full_image(keypoints, w / gray.shape[1], h / gray.shape[0])
         return {"keypoints": keypoints, "descriptors": descriptors, "width": w, "height": h,
                 "n_features": len(keypoints)}
