@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import socket
 import threading
 import time
@@ -554,6 +555,8 @@ def _process_batches(prepared: PreparedPipeline, records: list[Row], task: Parti
                 checked = out if isinstance(out, BaseException) else _check_outputs(op, out, specs)
                 if artifacts and not isinstance(checked, BaseException):
                     checked = _store_artifacts(op, checked, row, store, attempt, res.artifacts)
+                if artifacts and isinstance(checked, BaseException) and isinstance(out, dict):
+                    _discard_artifacts(op, out)
                 if isinstance(checked, BaseException):
                     res.fail(i, _format_error(op.name, checked))
                     continue
@@ -976,6 +979,22 @@ def _store_artifacts(op: Op, outputs: Row, row: Row, store: Store, attempt: str,
             outputs[spec.name] = store.put_artifact(outputs[spec.name], rel)
             stored[rel] = row["id"]
     return outputs
+
+
+def _discard_artifacts(op: Op, outputs: Row) -> None:
+    """Remove the folders or files a row's op returned as artifacts when the row then failed (an output did
+    not check, or storing one did not work): the engine owns what an op returns as an artifact, and a failed
+    row keeps none, so nothing would ever remove them from the worker's disk."""
+    for spec in op.output_specs():
+        value = outputs.get(spec.name) if spec.kind == "artifact" else None
+        if not isinstance(value, (str, os.PathLike)):
+            continue
+        path = os.fspath(value)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path, ignore_errors=True)
+        elif os.path.lexists(path):
+            with contextlib.suppress(OSError):
+                os.remove(path)
 
 
 def _coerce(spec: Output, value: Any) -> Any:

@@ -270,6 +270,27 @@ def test_artifacts_are_committed_with_the_partition_and_move_with_the_root(datas
     assert not list(Path("/tmp").glob("daskmv-test-artifact-*"))  # moved, not copied
 
 
+def test_a_row_that_fails_after_making_its_artifact_leaves_no_folder_behind(dataset, client, tmp_path, run_opts):
+    """An op returned its artifact folder but another output did not check: the row fails and the folder,
+    which the engine owns and would have moved into the root, is removed from the worker's disk."""
+    import tempfile
+
+    temp_dirs = set(client.run(tempfile.gettempdir).values())
+    r = daskmv.run(str(dataset / "manifest.parquet"), "testops:FolderThenBadCount", str(tmp_path / "out"),
+                   client=client, limit=12, partition_rows=4, max_error_rate=1.0, **run_opts)
+    frame = r.manifest()
+    odd = frame["label"].astype(int) % 2 == 1
+    assert odd.any() and (~odd).any()
+    assert (frame.loc[odd, "status"] == "error").all()
+    assert frame.loc[odd, "error"].str.contains("count").all()
+    assert frame.loc[odd, "model_path"].isna().all()
+    assert (frame.loc[~odd, "status"] == "ok").all()
+    for _, row in frame[~odd].iterrows():
+        folder = Path(artifact_path(str(tmp_path / "out" / "manifest.parquet"), row["id"], "model"))
+        assert (folder / "cameras.txt").read_text() == str(row["id"])
+    assert not [p for d in temp_dirs for p in Path(d).glob("daskmv-test-badcount-*")]
+
+
 def test_reshape_steps_are_checked_before_anything_runs(scenes, tmp_path):
     with pytest.raises(PipelineError, match="step 'group' needs the column.*'room'"):
         daskmv.run(str(scenes / "scenes.csv"), ["resize", {"group": {"by": "room"}}], str(tmp_path / "o"),

@@ -508,3 +508,24 @@ class BlasThreads(Op):
 
         threads = max((pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"), default=0)
         return [{"blas_threads": threads} for _ in rows]
+
+
+class FolderThenBadCount(Op):
+    """Writes a folder per row and returns it with a ``count`` that does not check for odd labels: those rows
+    fail after their artifact folder was made."""
+
+    name = "testops:FolderThenBadCount"
+    inputs = ("label",)
+    outputs = (Output("model", "artifact", "path"), Output("count", "column", "int64"))
+
+    def process(self, rows):
+        import tempfile
+
+        out = []
+        for row in rows:
+            folder = tempfile.mkdtemp(prefix="daskmv-test-badcount-")
+            with open(os.path.join(folder, "cameras.txt"), "w") as fh:
+                fh.write(str(row["id"]))
+            odd = int(row["label"]) % 2
+            out.append({"model": folder, "count": "many" if odd else int(row["label"])})
+        return out
