@@ -113,6 +113,33 @@ def test_a_worker_killed_mid_training_resumes_the_scene(scenes, tmp_path):
     assert run["failed_attempts"] or run["counts"]["computed_partitions"] == 1
 
 
+def test_the_op_called_directly_leaves_no_temporary_folder_when_training_fails(scenes, tmp_path, monkeypatch):
+    """Without the engine's workdir the op trains in a temporary folder: removed when training fails (a
+    failed scene must not leave its checkpoints on the worker's disk) and when it succeeds."""
+    import tempfile
+
+    from daskmv.errors import RowError
+    from daskmv.splat.op import Splat
+
+    class FailsAt(Splat):
+        def after_step(self, step):
+            if step == 12:
+                raise RowError("stopped by the test")
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    row = {"model_path": str(scenes / "room"), "manifest_base": ""}
+    op = FailsAt(**{**QUICK, "steps": 20, "refine_start": 1000})
+    op.setup("cpu")
+    (failed,) = op.process([dict(row)])
+    assert isinstance(failed, RowError) and "stopped by the test" in str(failed)
+    assert not list(tmp_path.glob("daskmv-splat-*"))
+    op = Splat(**{**QUICK, "steps": 20, "refine_start": 1000, "checkpoint_every": 5})
+    op.setup("cpu")
+    (done,) = op.process([dict(row)])
+    assert [p.name for p in tmp_path.glob("daskmv-*")] == [os.path.basename(done["splat"])]  # only the artifact
+    assert (Path(done["splat"]) / "point_cloud.ply").exists()
+
+
 def _cuda() -> bool:
     return torch.cuda.is_available()
 

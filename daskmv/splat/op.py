@@ -115,9 +115,23 @@ class Splat(Op):
         return resolve_path(value, row.get("manifest_base") or "")
 
     def _scene(self, row: Row) -> Row:
+        """Train one scene. The engine gives each row a ``workdir`` that outlives a failed attempt (a retry
+        resumes from its checkpoint); without one (the op called directly), a temporary folder is used and
+        removed however the training ends."""
+        workdir = row.get("workdir")
+        if workdir:
+            outputs = self._train(row, workdir)
+            shutil.rmtree(workdir, ignore_errors=True)  # done: the checkpoint is not needed any more
+            return outputs
+        workdir = tempfile.mkdtemp(prefix="daskmv-splat-")
+        try:
+            return self._train(row, workdir)
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+    def _train(self, row: Row, workdir: str) -> Row:
         import torch
 
-        from daskmv.splat.ply import write_ply
         from daskmv.splat.scene import load_scene
         from daskmv.splat.train import Trainer
 
@@ -125,7 +139,6 @@ class Splat(Op):
         images = self._path(row, self.config["images_column"]) if self.config["images_column"] else None
         scene = load_scene(model, images, self.config["downscale"], self.config["test_every"])
         trainer = self.trainer = Trainer(scene, self.train_config, self.device, self.rasterize)
-        workdir = row.get("workdir") or tempfile.mkdtemp(prefix="daskmv-splat-")
         os.makedirs(workdir, exist_ok=True)
         checkpoint = os.path.join(workdir, CHECKPOINT)
         start = trainer.evaluate()["psnr"]
@@ -135,13 +148,7 @@ class Splat(Op):
             torch.cuda.reset_peak_memory_stats(self.device)
         seconds = trainer.train(checkpoint, self.after_step)
         result = trainer.evaluate()
-        folder = tempfile.mkdtemp(prefix="daskmv-splat-out-")
-        write_ply(os.path.join(folder, "point_cloud.ply"), trainer.gaussians())
-        with open(os.path.join(folder, "settings.yaml"), "w") as fh:
-            import yaml
-
-            yaml.safe_dump({"renderer": self.renderer, **self.config, "train_views": [v.name for v in scene.train],
-                            "test_views": [v.name for v in scene.test]}, fh, sort_keys=False)
+        folder = self._write_splat(trainer, scene)
         pictures = result["pictures"]
         heldout = np.stack(pictures) if pictures else np.zeros((0, 1, 2, 3), np.uint8)
         outputs = {
@@ -151,8 +158,25 @@ class Splat(Op):
             "peak_gpu_mem": int(torch.cuda.max_memory_allocated(self.device)) if self.device.startswith("cuda") else None,
             "resumed_from": trainer.resumed_from, "renderer": self.renderer,
         }
-        shutil.rmtree(workdir, ignore_errors=True)  # done: the checkpoint is not needed any more
         return outputs
+
+    def _write_splat(self, trainer: Any, scene: Any) -> str:
+        """The ``splat`` artifact: a new folder with the PLY and the settings it was trained with (removed
+        again when writing fails: the engine takes only a returned folder)."""
+        import yaml
+
+        from daskmv.splat.ply import write_ply
+
+        folder = tempfile.mkdtemp(prefix="daskmv-splat-out-")
+        try:
+            write_ply(os.path.join(folder, "point_cloud.ply"), trainer.gaussians())
+            with open(os.path.join(folder, "settings.yaml"), "w") as fh:
+                yaml.safe_dump({"renderer": self.renderer, **self.config, "train_views": [v.name for v in scene.train],
+                                "test_views": [v.name for v in scene.test]}, fh, sort_keys=False)
+        except BaseException:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
+        return folder
 
     def after_step(self, step: int) -> None:
         """Called after every training step (a hook for tests that stop a worker mid-training)."""
