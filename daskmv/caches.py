@@ -35,11 +35,15 @@ class ProcessCache(Generic[V]):
         self.total = 0
         self.pid = os.getpid()
 
+    def _own(self) -> threading.Lock:
+        """The lock, after emptying the cache in a forked child that ``register_at_fork`` did not reach."""
+        if self.pid != os.getpid():
+            self._reset()
+        return self.lock
+
     def get(self, key: Hashable) -> V | None:
         """The value kept for ``key`` (now the most recently used), or None."""
-        if self.pid != os.getpid():  # a forked child that register_at_fork did not reach
-            self._reset()
-        with self.lock:
+        with self._own():
             value = self.values.get(key)
             if value is not None:
                 self.values.move_to_end(key)
@@ -48,7 +52,7 @@ class ProcessCache(Generic[V]):
     def put(self, key: Hashable, value: V) -> V:
         """Keep ``value`` for ``key`` unless one is kept already (two threads made it at once: the first
         stays); return the kept one."""
-        with self.lock:
+        with self._own():
             kept = self.values.get(key)
             if kept is not None:
                 return kept
@@ -68,7 +72,7 @@ class ProcessCache(Generic[V]):
 
     def drop(self, which: Callable[[Hashable], bool] | None = None) -> None:
         """Forget the values whose key ``which`` accepts (all of them when None)."""
-        with self.lock:
+        with self._own():
             for key in [k for k in self.values if which is None or which(k)]:
                 self.total -= self.size(self.values.pop(key))
 

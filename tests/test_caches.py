@@ -64,3 +64,21 @@ def test_a_forked_child_starts_empty_even_if_a_thread_held_the_lock():
         thread.join()
     assert os.waitstatus_to_exitcode(status) == 0
     assert cache.get("a") == "A"  # the parent keeps its values
+
+
+def test_every_access_empties_a_cache_inherited_from_another_process():
+    """A child the fork hook did not reach (its pid differs from the cache's) starts empty on whatever it
+    calls first: get, put or drop."""
+    for first in ("get", "put", "drop"):
+        cache: ProcessCache[str] = ProcessCache(10)
+        cache.put("a", "A")
+        cache.pid = -1  # as in a child the fork hook did not reach
+        if first == "get":
+            assert cache.get("a") is None
+        elif first == "put":
+            assert cache.put("a", "new") == "new"  # not the parent's "A"
+        else:
+            cache.drop(lambda key: False)
+        assert cache.pid == os.getpid()
+        assert cache.get("a") == ("new" if first == "put" else None)
+        assert cache.total == (1 if first == "put" else 0)
