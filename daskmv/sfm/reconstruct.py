@@ -10,6 +10,7 @@ go on.
 
 from __future__ import annotations
 
+import difflib
 import os
 import shutil
 import tempfile
@@ -51,7 +52,13 @@ class Reconstruct(Op):
         "iqr_k": Param(1.5, "scale samples beyond k x IQR from the quartiles are rejected"),
         "undistort": Param(True, "export undistorted images and PINHOLE cameras (what 3DGS code expects)"),
         "seed": Param(0, "the mapper's random seed (the same model on every run)"),
+        "mapper_options": Param({}, "more of pycolmap's IncrementalPipelineOptions / GlobalPipelineOptions by name, "
+                                "nested ones as dicts (as hloc's mapper_options), e.g. {ba_global_frames_ratio: 1.3, "
+                                "ba_global_points_ratio: 1.3}: global bundle adjustments less often"),
     }
+
+    #: pycolmap options that other parameters set.
+    OWNED_OPTIONS = {"num_threads": "threads", "random_seed": "seed", "min_model_size": "min_images"}
 
     def check_params(self) -> None:
         cols = self.config["position_columns"]
@@ -59,6 +66,32 @@ class Reconstruct(Op):
             raise PipelineError(f"op 'reconstruct': position_columns must name 3 columns (x, y, z), not {cols!r}")
         if self.config["min_images"] < 2:
             raise PipelineError("op 'reconstruct': min_images must be at least 2")
+        if self.config["mapper_options"]:
+            self._options()  # unknown names and wrong types are refused before any work starts
+
+    def _options(self) -> Any:
+        """pycolmap's options for the mapper, from the parameters."""
+        import pycolmap
+
+        c = self.config
+        incremental = c["mapper"] == "incremental"
+        options = pycolmap.IncrementalPipelineOptions() if incremental else pycolmap.GlobalPipelineOptions()
+        extra = dict(c["mapper_options"])
+        owned = sorted(set(extra) & set(self.OWNED_OPTIONS))
+        if owned:
+            raise PipelineError(f"op 'reconstruct': set {owned[0]!r} with the parameter "
+                                f"{self.OWNED_OPTIONS[owned[0]]!r}, not in mapper_options")
+        _check_option_names(options, extra, type(options).__name__)
+        try:
+            options.mergedict(extra)
+        except (TypeError, ValueError) as exc:
+            raise PipelineError(f"op 'reconstruct': mapper_options {extra!r} do not fit "
+                                f"{type(options).__name__}: {exc}") from None
+        options.num_threads = c["threads"]
+        options.random_seed = c["seed"]
+        if incremental:
+            options.min_model_size = c["min_images"]
+        return options
 
     def input_names(self) -> tuple[str, ...]:
         names = ["id_a", "id_b", "url:path_a", "url:path_b", "width_a", "height_a", "width_b", "height_b",
@@ -156,17 +189,8 @@ class Reconstruct(Op):
         out = os.path.join(work, "sparse")
         os.makedirs(out, exist_ok=True)
         db = os.path.join(work, "database.db")
-        if self.config["mapper"] == "global":
-            options = pycolmap.GlobalPipelineOptions()
-            options.num_threads = self.config["threads"]
-            options.random_seed = self.config["seed"]
-            found = pycolmap.global_mapping(db, image_dir, out, options)
-        else:
-            options = pycolmap.IncrementalPipelineOptions()
-            options.num_threads = self.config["threads"]
-            options.random_seed = self.config["seed"]
-            options.min_model_size = self.config["min_images"]
-            found = pycolmap.incremental_mapping(db, image_dir, out, options)
+        mapping = pycolmap.global_mapping if self.config["mapper"] == "global" else pycolmap.incremental_mapping
+        found = mapping(db, image_dir, out, self._options())
         return [rec for rec in found.values() if rec.num_reg_images() > 0]
 
     def _cues(self, row: Row, usable: list[SceneImage]) -> tuple[dict[str, str], dict[str, np.ndarray]]:
@@ -201,6 +225,21 @@ class Reconstruct(Op):
 
     def gallery(self, row: Row) -> list[tuple[str, Any]]:
         return [(name, row[name]) for name in ("top_view", "pair_view") if row.get(name) is not None]
+
+
+def _check_option_names(options: Any, given: dict[str, Any], where: str) -> None:
+    """Refuse names ``options`` (a pycolmap options object) does not have, listing the ones it has."""
+    known = options.todict()
+    for name, value in given.items():
+        if name not in known:
+            close = difflib.get_close_matches(name, list(known), n=3)
+            hint = f" (did you mean {', '.join(close)}?)" if close else f"; it has {', '.join(sorted(known))}"
+            raise PipelineError(f"op 'reconstruct': mapper_options: {where} has no option {name!r}{hint}")
+        if isinstance(value, dict):
+            inner = getattr(options, name)
+            if not hasattr(inner, "todict"):
+                raise PipelineError(f"op 'reconstruct': mapper_options: {where}.{name} is a value, not a group of options")
+            _check_option_names(inner, value, f"{where}.{name}")
 
 
 def scene_contents(row: Row, config: dict[str, Any]) -> tuple[dict[str, SceneImage], list[ScenePair]]:
