@@ -631,3 +631,64 @@ def test_mapper_options_are_checked_before_any_work(room, tmp_path):
     options = Reconstruct(mapper_options={"ba_global_frames_ratio": 1.3, "mapper": {"init_min_num_inliers": 80}},
                           threads=2)._options()
     assert (options.ba_global_frames_ratio, options.mapper.init_min_num_inliers, options.num_threads) == (1.3, 80, 2)
+
+
+def _shifted_pair(shift: tuple[int, int] = (700, 300), n: int = 3000, seed: int = 0):
+    """Features of a 3000x2000 image a and of b, the same scene moved by ``shift`` plus 500 unrelated
+    keypoints; the true matches are a's keypoints that land inside b."""
+    rng = np.random.default_rng(seed)
+    size = (3000, 2000)
+    xy_a = rng.uniform(0, 1, (n, 2)) * size + 0.5
+    desc_a = rng.standard_normal((n, 128)).astype(np.float32)
+    xy_b = xy_a + shift
+    inside = np.flatnonzero((xy_b[:, 0] < size[0]) & (xy_b[:, 1] < size[1]))
+    extra = rng.uniform(0, 1, (500, 2)) * size + 0.5
+    xy_b = np.concatenate([xy_b[inside], extra])
+    desc_b = np.concatenate([desc_a[inside], rng.standard_normal((500, 128)).astype(np.float32)])
+    layout = [np.zeros((len(xy), 6), np.float32) for xy in (xy_a, xy_b)]
+    for kp, xy in zip(layout, (xy_a, xy_b)):
+        kp[:, :2], kp[:, 2], kp[:, 5] = xy, 1.0, 1.0
+    truth = np.stack([inside, np.arange(len(inside))], axis=1)
+    return (layout[0], desc_a, size), (layout[1], desc_b, size), truth
+
+
+def test_a_learned_matcher_on_giant_images_sees_one_tile_a_side_and_finds_every_match(tmp_path, monkeypatch):
+    """Tile against tile: every call sees only the keypoints one tile owns on each side, in the tile's own
+    pixel coordinates, and the matches mapped back to the full images are all the true ones, once each."""
+    import torch
+
+    from daskmv.sfm.features import owned, tiles
+    from daskmv.sfm.learned import LearnedMatcher, tiled_matches
+    from daskmv.sfm.match import Match
+    from nets import EqualMatcher
+
+    (ka, da, size_a), (kb, db, size_b), truth = _shifted_pair()
+    torch.jit.script(EqualMatcher()).save(str(tmp_path / "equal.pt"))
+    net = LearnedMatcher(str(tmp_path / "equal.pt"), "cpu")
+    largest_tile = max(int(owned(k, part).sum()) for k in (ka, kb) for *_, part in tiles(3000, 2000, 1024, 128))
+    calls = []
+
+    def matcher(k1, d1, k2, d2):
+        calls.append((len(k1), len(k2)))
+        for k in (k1, k2):
+            assert (k[:, :2] - 0.5 >= 0).all() and (k[:, :2] - 0.5 < 1024).all()  # tile pixels
+        return net(k1, d1, k2, d2)
+
+    got = tiled_matches(matcher, ka, da, size_a, kb, db, size_b, tile_size=1024, overlap=128)
+    assert len(calls) == 12 * 12  # 4 x 3 tiles a side
+    assert max(max(c) for c in calls) <= largest_tile < len(kb) / 4  # a twelfth of the image, give or take
+    assert np.array_equal(got.astype(np.int64), truth)
+    # the op takes the tiled path above tile_above, and the whole images below it
+    row = {"array:keypoints_path_a": ka, "array:descriptors_path_a": da, "width_a": 3000, "height_a": 2000,
+           "array:keypoints_path_b": kb, "array:descriptors_path_b": db, "width_b": 3000, "height_b": 2000}
+    import daskmv.sfm.learned as learned
+
+    tiled_calls = []
+    monkeypatch.setattr(learned, "tiled_matches", lambda *a, **k: tiled_calls.append(1) or tiled_matches(*a, **k))
+    for tile_above in (2500, 0):  # tiled (3000 px is above), then whole: the same matches
+        op = Match(model=str(tmp_path / "equal.pt"), tile_above=tile_above, tile_size=1024, min_inliers=8)
+        op.setup("cpu")
+        (out,) = op.process([dict(row)])
+        assert out["n_putative"] == len(truth) and len(tiled_calls) == 1
+    with pytest.raises(PipelineError, match="tile_above is for learned matchers"):
+        Match(tile_above=2500)

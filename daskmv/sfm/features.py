@@ -49,6 +49,13 @@ def tiles(width: int, height: int, size: int, overlap: int) -> list[tuple[int, i
     return out
 
 
+def owned(keypoints: np.ndarray, owned_part: tuple[float, ...]) -> np.ndarray:
+    """Which keypoints (full-image COLMAP layout, pixel centres at +0.5) lie in a tile's owned part."""
+    ox0, oy0, ox1, oy1 = owned_part
+    x, y = keypoints[:, 0] - 0.5, keypoints[:, 1] - 0.5
+    return (x >= ox0) & (x < ox1) & (y >= oy0) & (y < oy1)
+
+
 class Extractor:
     """SIFT on a gray uint8 array, returning (keypoints [N, 6] float32, descriptors [N, 128] uint8)."""
 
@@ -150,17 +157,16 @@ def extract(gray: np.ndarray, extractor: Any, tile_above: int = 0, tile_size: in
     if not tile_above or max(h, w) <= tile_above:
         return extractor(gray)
     kps, descs = [], []
-    for x0, y0, x1, y1, (ox0, oy0, ox1, oy1) in tiles(w, h, tile_size, tile_overlap):
+    for x0, y0, x1, y1, owned_part in tiles(w, h, tile_size, tile_overlap):
         k, d = extractor(np.ascontiguousarray(gray[y0:y1, x0:x1]))
         if not len(k):
             continue
         k = k.copy()
         k[:, 0] += x0
         k[:, 1] += y0
-        x, y = k[:, 0] - 0.5, k[:, 1] - 0.5  # the position in pixel units, centres at +0.5
-        owned = (x >= ox0) & (x < ox1) & (y >= oy0) & (y < oy1)
-        kps.append(k[owned])
-        descs.append(d[owned])
+        keep = owned(k, owned_part)
+        kps.append(k[keep])
+        descs.append(d[keep])
     if not kps:
         return np.zeros((0, 6), np.float32), np.zeros((0, 128), np.uint8)
     return np.concatenate(kps), np.concatenate(descs)

@@ -11,6 +11,11 @@ weights (see :func:`daskmv.ops.torch_model.load_torch_model`); nothing is downlo
   is accepted), or a tuple / dict whose first item / ``matches`` key is that.
 
 Geometric verification, storage and resume work the same as with SIFT.
+
+**Giant images** (the match op's ``tile_above``): a learned matcher's memory grows with the keypoints it sees
+(attention over all of them), and a tiled image has ``max_features`` per tile. Such pairs are matched tile
+against tile (:func:`tiled_matches`): each call sees the keypoints one tile owns on each side, in that tile's
+pixel coordinates, and the matches are mapped back to the full images' keypoints.
 """
 
 from __future__ import annotations
@@ -93,3 +98,37 @@ class LearnedMatcher:
         if not ok.all():
             raise RowError(f"the matcher model returned {int((~ok).sum())} match indices out of range")
         return arr.astype(np.uint32)
+
+
+def tiled_matches(matcher: Any, kpts_a: np.ndarray, desc_a: np.ndarray, size_a: tuple[int, int], kpts_b: np.ndarray,
+                  desc_b: np.ndarray, size_b: tuple[int, int], tile_size: int, overlap: int) -> np.ndarray:
+    """Matches [M, 2] of two images' full-image features, made by ``matcher`` (a :class:`LearnedMatcher`)
+    on every pair of tiles (the features op's tiling of each image; a keypoint belongs to the tile that owns
+    its position). A keypoint matched in several tile pairs keeps the match of the tile pair with the most
+    matches: the pair that overlaps most gave the network the most context."""
+    from daskmv.sfm.features import owned, tiles
+
+    def members(kpts: np.ndarray, size: tuple[int, int]) -> list[tuple[np.ndarray, np.ndarray]]:
+        out = []
+        for x0, y0, _, _, part in tiles(size[0], size[1], tile_size, overlap):
+            index = np.flatnonzero(owned(kpts, part))
+            if len(index):
+                local = kpts[index].copy()
+                local[:, 0] -= x0
+                local[:, 1] -= y0
+                out.append((index, local))
+        return out
+
+    found, weight = [], []
+    for index_a, local_a in members(kpts_a, size_a):
+        for index_b, local_b in members(kpts_b, size_b):
+            m = matcher(local_a, desc_a[index_a], local_b, desc_b[index_b]).astype(np.int64)
+            if len(m):
+                found.append(np.stack([index_a[m[:, 0]], index_b[m[:, 1]]], axis=1))
+                weight.append(np.full(len(m), len(m)))
+    if not found:
+        return np.zeros((0, 2), np.uint32)
+    pairs = np.concatenate(found)[np.argsort(-np.concatenate(weight), kind="stable")]  # best tile pairs first
+    for side in (0, 1):  # each keypoint of a once, then each of b: its first (best) match; the order is kept
+        pairs = pairs[np.sort(np.unique(pairs[:, side], return_index=True)[1])]
+    return pairs[np.argsort(pairs[:, 0], kind="stable")].astype(np.uint32)

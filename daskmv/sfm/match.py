@@ -282,6 +282,10 @@ class Match(Op):
         "min_inliers": Param(15, "fewer verified matches than this: the pair has no geometry"),
         "model": Param(None, "a learned matcher instead of nearest neighbours: TorchScript file or module:factory",
                        path=True, types=(str, type(None))),
+        "tile_above": Param(0, "learned matcher: pairs with an image side above this many pixels are matched tile "
+                            "against tile, each call seeing one tile's keypoints a side (0: never)"),
+        "tile_size": Param(2048, "tile side in pixels (as the features op tiles)"),
+        "tile_overlap": Param(128, "pixels shared by neighbouring tiles (as the features op tiles)"),
         "extract": Param(False, "extract features from path_a/path_b here (a pair manifest with no features step)"),
         "features": Param({}, "extract: parameters of the features op (e.g. {max_features: 4096})"),
         "draw": Param(False, "store a picture of the verified matches per pair (reads both images)"),
@@ -294,6 +298,12 @@ class Match(Op):
             self.config["model"], _ = check_model(self.name, self.config["model"], None)
         if not 0 < self.config["ratio"] <= 1:
             raise PipelineError(f"op 'match': ratio must be in (0, 1], not {self.config['ratio']}")
+        if self.config["tile_above"] and not self.config["model"]:
+            raise PipelineError("op 'match': tile_above is for learned matchers (model:); nearest-neighbour matching "
+                                "is bounded by block already")
+        if self.config["tile_above"] and not 0 <= 2 * self.config["tile_overlap"] < self.config["tile_size"]:
+            raise PipelineError("op 'match': tile_overlap must be less than half of tile_size "
+                                f"(got overlap {self.config['tile_overlap']}, size {self.config['tile_size']})")
         if self.config["block"] is not None and self.config["block"] < 1:
             raise PipelineError(f"op 'match': block must be a positive number of similarities, not {self.config['block']}")
         self.extractor: Any = None
@@ -349,7 +359,11 @@ class Match(Op):
         ka, da, size_a = self._features(row, "a")
         kb, db, size_b = self._features(row, "b")
         c = self.config
-        if self.matcher is not None:
+        if self.matcher is not None and c["tile_above"] and max(*size_a, *size_b) > c["tile_above"]:
+            from daskmv.sfm.learned import tiled_matches
+
+            putative = tiled_matches(self.matcher, ka, da, size_a, kb, db, size_b, c["tile_size"], c["tile_overlap"])
+        elif self.matcher is not None:
             putative = self.matcher(ka, da, kb, db)
         else:
             if da.shape[1:] != db.shape[1:]:
