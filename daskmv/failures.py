@@ -172,8 +172,8 @@ def read_log(store: Store) -> Iterator[Failure]:
         fh = store.open(ERRORS_LOG, "rb")
     except FileNotFoundError:
         return
-    with fh:
-        yield from parse_log(io.TextIOWrapper(fh, encoding="utf-8", errors="replace", newline="\n"))
+    with io.TextIOWrapper(fh, encoding="utf-8", errors="replace", newline="\n") as text:  # closes fh too
+        yield from parse_log(text)
 
 
 def read_failures(store_or_root: Store | str, storage_options: dict[str, Any] | None = None) -> list[Failure]:

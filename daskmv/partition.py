@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import socket
 import threading
 import time
@@ -45,7 +44,7 @@ from daskmv.paths import resolve_path
 from daskmv.ops.base import Op, Output, Row, is_infrastructure_error, is_out_of_memory, split_input
 from daskmv.ops.image import load_inputs
 from daskmv.store import (ARTIFACTS, LEASE_REFRESH, PARTS, ZARR, Marker, Store, attempt_name, new_token, now,
-                          partition_name, ref_tokens)
+                          partition_name, ref_tokens, remove_local)
 
 PLUGIN_NAME = "daskmv-ops"
 #: A worker whose op set-up failed this many times for one pipeline stops trying (and the driver stops
@@ -982,19 +981,13 @@ def _store_artifacts(op: Op, outputs: Row, row: Row, store: Store, attempt: str,
 
 
 def _discard_artifacts(op: Op, outputs: Row) -> None:
-    """Remove the folders or files a row's op returned as artifacts when the row then failed (an output did
-    not check, or storing one did not work): the engine owns what an op returns as an artifact, and a failed
-    row keeps none, so nothing would ever remove them from the worker's disk."""
+    """Remove the folders or files a row's op returned as artifacts when the row then failed because an
+    output did not check: the engine owns what an op returns as an artifact (it moves it into the root), a
+    failed row keeps none, and nothing else would ever remove them from the worker's disk."""
     for spec in op.output_specs():
         value = outputs.get(spec.name) if spec.kind == "artifact" else None
-        if not isinstance(value, (str, os.PathLike)):
-            continue
-        path = os.fspath(value)
-        if os.path.isdir(path) and not os.path.islink(path):
-            shutil.rmtree(path, ignore_errors=True)
-        elif os.path.lexists(path):
-            with contextlib.suppress(OSError):
-                os.remove(path)
+        if isinstance(value, (str, os.PathLike)):
+            remove_local(os.fspath(value))
 
 
 def _coerce(spec: Output, value: Any) -> Any:

@@ -299,8 +299,10 @@ class Pairs(Reshape):
             raise PipelineError(f"step 'pairs': mode {self.config['mode']!r} needs column=<{what}>")
 
     def consumed_column(self) -> str | None:
-        """The embedding column this step reads and does not copy onto the pair rows (None: none)."""
-        return self.config["column"] if self.config["mode"] in EMBEDDING_MODES else None
+        """The embedding column, which is not copied onto the pair rows (None: none). Exhaustive mode does not
+        read it, but the column named is an embedding all the same (the sfm pipeline names ``global`` for
+        every mode): copied, it was 8 KB on each pair row and every one of them again in a scene's row."""
+        return self.config["column"] if self.config["mode"] != "column" else None
 
     def check(self, columns: list[str]) -> None:
         by = None if self.config["default_group"] is not None else self.config["by"]

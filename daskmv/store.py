@@ -151,6 +151,16 @@ class Marker:
         return (self.fingerprint, self.rows_hash) == (fingerprint, rows_hash)
 
 
+
+def remove_local(path: str) -> None:
+    """Remove a local file, link (not what it points to) or folder, if it is there."""
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+    elif os.path.lexists(path):
+        with contextlib.suppress(OSError):
+            os.remove(path)
+
+
 class Store:
     """One output root (a local path or an fsspec URL) and the files daskmv keeps in it."""
 
@@ -466,10 +476,7 @@ class Store:
                 shutil.move(local, self._p(target_rel))
             else:
                 self.fs.put(local, self._p(target_rel), recursive=not is_file)
-                if is_file:
-                    os.remove(local)
-                else:
-                    shutil.rmtree(local, ignore_errors=True)
+                remove_local(local)
         return target_rel
 
     def collect_garbage(self, lease_timeout: float = LEASE_TIMEOUT) -> dict[str, Any]:

@@ -18,7 +18,7 @@ import pytest
 
 import daskmv
 from daskmv.data import artifact_path, load_output
-from daskmv.errors import PipelineError
+from daskmv.errors import PipelineError, RowError
 from daskmv.reshape import Pairs
 from daskmv.sfm import evaluate, synthetic
 from daskmv.sfm.features import Extractor, extract
@@ -237,7 +237,8 @@ def test_sift_on_an_image_above_max_image_size_equals_pycolmaps(tmp_path):
     keypoints are mapped back to the full image as pycolmap maps them: the same features as pycolmap's."""
     from daskmv.sfm.features import Features
 
-    image, _ = synthetic.render(synthetic.room(5), synthetic.orbit(1, seed=5)[0])  # 640 x 480
+    # 640 x 470 to 500 x 367: x and y scale by 1.28 and 1.2807, so a swapped or shared scale shows
+    image, _ = synthetic.render(synthetic.room(5), synthetic.orbit(1, width=640, height=470, seed=5)[0])
     folder = tmp_path / "images"
     folder.mkdir()
     cv2.imwrite(str(folder / "view.png"), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
@@ -250,13 +251,18 @@ def test_sift_on_an_image_above_max_image_size_equals_pycolmaps(tmp_path):
     op = Features(max_image_size=500)
     op.setup("cpu")
     got = op.process([{"image": image}])[0]
-    assert (got["width"], got["height"]) == (640, 480)
+    assert (got["width"], got["height"]) == (640, 470)
     assert len(got["keypoints"]) == len(keypoints) > 500
-    assert np.allclose(got["keypoints"][:, :2], keypoints[:, :2], atol=1e-3)  # full-image positions
-    assert keypoints[:, :2].max() > 600  # ... which do reach beyond the resized image
+    assert np.allclose(got["keypoints"][:, :2], keypoints[:, :2], atol=1e-4)  # full-image positions
+    assert keypoints[:, 0].max() > 600 and keypoints[:, 1].max() > 450  # ... beyond the resized image
     # the affine shape: COLMAP scales its columns, we its rows; the same for a uniform resize
     assert np.allclose(got["keypoints"][:, 2:], keypoints[:, 2:], atol=1e-2)
     assert np.array_equal(got["descriptors"], np.asarray(getattr(descriptors, "data", descriptors)))
+    # images with a side that is or would become too short are row errors (a 1 px side crashed the worker)
+    with pytest.raises(RowError, match="its short side would be 1 px, too thin for features"):
+        op._one({"image": np.full((7000, 20, 3), 128, np.uint8)})
+    with pytest.raises(RowError, match="the image is 300x10: too small for features"):
+        op._one({"image": np.zeros((10, 300), np.uint8)})
 
 
 def test_tiled_features_equal_untiled_ones():
@@ -492,6 +498,8 @@ def test_retrieval_and_auto_pairs_grow_with_n_times_k():
     retrieval = Pairs(by="scene", mode="retrieval", column="global", k=k).run(table)
     assert len(retrieval) <= (n - 10) * k + 10 * 9 and len(retrieval) >= (n - 10) * k / 2
     assert "global_a" not in retrieval.column_names  # the embedding is consumed, not copied onto every pair
+    exhaustive = Pairs(by="scene", mode="exhaustive", column="global").run(table)  # the sfm pipeline's spelling
+    assert "global_a" not in exhaustive.column_names and len(exhaustive) == 290 * 289 // 2 + 45
     ids = set(retrieval.column("id").to_pylist())
     assert "f0|f1" in ids and "f100|f101" in ids  # each point's nearest are its neighbours on the path
     auto = Pairs(by="scene", mode="auto", column="global", k=k, exhaustive_up_to=40).run(table)
@@ -623,14 +631,22 @@ def test_mapper_options_are_checked_before_any_work(room, tmp_path):
         run({"ba_global_frame_ratio": 1.3})
     with pytest.raises(PipelineError, match="IncrementalPipelineOptions.mapper has no option 'nope'"):
         run({"mapper": {"nope": 1}})
-    with pytest.raises(PipelineError, match="do not fit IncrementalPipelineOptions"):
+    with pytest.raises(PipelineError, match="ba_global_frames_ratio takes a float .default 1.1., not 'often'"):
         run({"ba_global_frames_ratio": "often"})
+    with pytest.raises(PipelineError, match="mapper.init_min_tri_angle takes a float"):
+        run({"mapper": {"init_min_tri_angle": "wide"}})
+    with pytest.raises(PipelineError, match="IncrementalPipelineOptions.mapper is a group of options"):
+        run({"mapper": 5})
     with pytest.raises(PipelineError, match="set 'num_threads' with the parameter 'threads'"):
         run({"num_threads": 8})
     assert not (tmp_path / "out").exists()
+    with pytest.raises(PipelineError, match=r"'random_seed' with the parameter 'seed'.*GlobalPipelineOptions.mapper"):
+        Reconstruct(mapper="global", mapper_options={"mapper": {"random_seed": 1}})
     options = Reconstruct(mapper_options={"ba_global_frames_ratio": 1.3, "mapper": {"init_min_num_inliers": 80}},
                           threads=2)._options()
     assert (options.ba_global_frames_ratio, options.mapper.init_min_num_inliers, options.num_threads) == (1.3, 80, 2)
+    assert Reconstruct(mapper="global", min_images=5, mapper_options={"min_num_matches": 20})._options() \
+        .min_model_size == 5  # min_images reaches both mappers
 
 
 def _shifted_pair(shift: tuple[int, int] = (700, 300), n: int = 3000, seed: int = 0):
@@ -666,18 +682,42 @@ def test_a_learned_matcher_on_giant_images_sees_one_tile_a_side_and_finds_every_
     torch.jit.script(EqualMatcher()).save(str(tmp_path / "equal.pt"))
     net = LearnedMatcher(str(tmp_path / "equal.pt"), "cpu")
     largest_tile = max(int(owned(k, part).sum()) for k in (ka, kb) for *_, part in tiles(3000, 2000, 1024, 128))
+    grid = tiles(3000, 2000, 1024, 128)
+    origins = {(float(x0), float(y0)) for x0, y0, *_ in grid}
+
+    def tile_of(k: np.ndarray) -> np.ndarray:
+        return np.argmax([owned(k, part) for *_, part in grid], axis=0)
+
+    # decoys: copies of 5 of a's descriptors, in b's top-left tile, far from where those 5 truly go; each
+    # decoy's tile pair has 1 match, each true one at least 20: the true matches must win
+    tile_a, tile_b = tile_of(ka[truth[:, 0]]), tile_of(kb[truth[:, 1]])
+    tile_pairs, counts = np.unique(np.stack([tile_a, tile_b]), axis=1, return_counts=True)
+    strength = {(int(ta), int(tb)): int(n) for (ta, tb), n in zip(tile_pairs.T, counts)}
+    strong = [i for i in range(len(truth)) if strength[tile_a[i], tile_b[i]] >= 20 and tile_a[i] > 0]  # not a's top-left
+    sources = [strong[np.flatnonzero(tile_a[strong] == t)[0]] for t in sorted(set(tile_a[strong]))[:5]]
+    assert len(sources) == 5
+    decoys = np.tile(kb[:1], (5, 1))
+    decoys[:, :2] = [[100.0 + 40 * k, 200.0] for k in range(5)]
+    kb, db = np.concatenate([kb, decoys]), np.concatenate([db, da[truth[sources, 0]]])
+    doubled = {d.tobytes() for d in db[-5:]}  # in b twice (true copy and decoy): not a position's name
+    where_a = {d.tobytes(): k[:2] for k, d in zip(ka, da)}
+    where_b = {d.tobytes(): k[:2] for k, d in zip(kb, db) if d.tobytes() not in doubled}
     calls = []
 
     def matcher(k1, d1, k2, d2):
         calls.append((len(k1), len(k2)))
-        for k in (k1, k2):
-            assert (k[:, :2] - 0.5 >= 0).all() and (k[:, :2] - 0.5 < 1024).all()  # tile pixels
+        for k, d, where in ((k1, d1, where_a), (k2, d2, where_b)):
+            offsets = np.unique([where[row.tobytes()] - xy[:2] for xy, row in zip(k, d) if row.tobytes() in where],
+                                axis=0)
+            assert len(offsets) == 1 and tuple(offsets[0]) in origins  # the tile's pixels: full - its origin
         return net(k1, d1, k2, d2)
 
     got = tiled_matches(matcher, ka, da, size_a, kb, db, size_b, tile_size=1024, overlap=128)
     assert len(calls) == 12 * 12  # 4 x 3 tiles a side
     assert max(max(c) for c in calls) <= largest_tile < len(kb) / 4  # a twelfth of the image, give or take
-    assert np.array_equal(got.astype(np.int64), truth)
+    assert np.array_equal(got.astype(np.int64), truth)  # every true match once, no decoy
+    with pytest.raises(PipelineError, match="tile_overlap must be between 16 px"):
+        Match(model=str(tmp_path / "equal.pt"), tile_above=2500, tile_size=1024, tile_overlap=8)
     # the op takes the tiled path above tile_above, and the whole images below it
     row = {"array:keypoints_path_a": ka, "array:descriptors_path_a": da, "width_a": 3000, "height_a": 2000,
            "array:keypoints_path_b": kb, "array:descriptors_path_b": db, "width_b": 3000, "height_b": 2000}

@@ -138,6 +138,17 @@ def test_the_op_called_directly_leaves_no_temporary_folder_when_training_fails(s
     (done,) = op.process([dict(row)])
     assert [p.name for p in tmp_path.glob("daskmv-*")] == [os.path.basename(done["splat"])]  # only the artifact
     assert (Path(done["splat"]) / "point_cloud.ply").exists()
+    shutil.rmtree(done["splat"])
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    import daskmv.splat.ply
+
+    monkeypatch.setattr(daskmv.splat.ply, "write_ply", disk_full)  # writing the PLY fails: no half-written folder
+    with pytest.raises(OSError, match="No space left"):
+        op.process([dict(row)])
+    assert not list(tmp_path.glob("daskmv-*"))
 
 
 def _cuda() -> bool:

@@ -9,7 +9,8 @@ a12, a21, a22; pixel centres at +0.5 like COLMAP) in full-image coordinates, and
 space is about 30 bytes per pixel) is bounded by the tile, not the image. Each tile owns the central part of
 itself (its overlaps split halfway with its neighbours): a keypoint is kept only from the tile that owns its
 position, which removes the duplicates the overlaps make without any search. Keypoints are then in
-full-image coordinates, so matching never needs to know about tiles.
+full-image coordinates: nearest-neighbour matching never needs to know about tiles (a learned matcher on such
+images can go tile against tile: :func:`daskmv.sfm.learned.tiled_matches`).
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ BACKENDS = ("pycolmap", "opencv")
 
 def tiles(width: int, height: int, size: int, overlap: int) -> list[tuple[int, int, int, int, tuple[float, ...]]]:
     """Tiles covering an image: (x0, y0, x1, y1, owned) where ``owned`` = (ox0, oy0, ox1, oy1) is the part of
-    the image whose keypoints this tile keeps; the owned parts tile the image exactly."""
+    the plane whose keypoints this tile keeps; the owned parts tile the image exactly, and the outer tiles own
+    what lies beyond its borders (a learned extractor's keypoint a little outside still has a tile)."""
     def starts(extent: int) -> list[int]:
         if extent <= size:
             return [0]
@@ -41,12 +43,20 @@ def tiles(width: int, height: int, size: int, overlap: int) -> list[tuple[int, i
     for j, y0 in enumerate(ys):
         for i, x0 in enumerate(xs):
             x1, y1 = min(x0 + size, width), min(y0 + size, height)
-            ox0 = 0.0 if i == 0 else (x0 + min(xs[i - 1] + size, width)) / 2
-            ox1 = float(width) if i == len(xs) - 1 else (xs[i + 1] + x1) / 2
-            oy0 = 0.0 if j == 0 else (y0 + min(ys[j - 1] + size, height)) / 2
-            oy1 = float(height) if j == len(ys) - 1 else (ys[j + 1] + y1) / 2
+            ox0 = -np.inf if i == 0 else (x0 + min(xs[i - 1] + size, width)) / 2
+            ox1 = np.inf if i == len(xs) - 1 else (xs[i + 1] + x1) / 2
+            oy0 = -np.inf if j == 0 else (y0 + min(ys[j - 1] + size, height)) / 2
+            oy1 = np.inf if j == len(ys) - 1 else (ys[j + 1] + y1) / 2
             out.append((x0, y0, x1, y1, (ox0, oy0, ox1, oy1)))
     return out
+
+
+def check_tiling(op: str, size: int, overlap: int) -> None:
+    """Refuse a tiling whose overlap is under 16 px or above a quarter of the tile (the rule of every op
+    that tiles: features, and a learned matcher's tile pairs)."""
+    if not 64 <= overlap * 4 <= size:
+        raise PipelineError(f"op {op!r}: tile_overlap must be between 16 px and a quarter of tile_size "
+                            f"(got overlap {overlap}, size {size})")
 
 
 def owned(keypoints: np.ndarray, owned_part: tuple[float, ...]) -> np.ndarray:
@@ -125,6 +135,11 @@ def root_sift_uint8(desc: np.ndarray) -> np.ndarray:
 GREY_WEIGHTS = np.array([0.2126, 0.7152, 0.0722], np.float32)
 
 
+#: The shortest image side features are looked for on (SIFT's smallest octave is then a few pixels; a 1 px wide image
+#: crashed OpenImageIO's resize inside pycolmap, taking the worker with it).
+MIN_SIDE = 16
+
+
 #: pycolmap's default SIFT peak (contrast) threshold.
 PEAK_THRESHOLD = 0.02 / 3
 
@@ -197,9 +212,8 @@ class Features(Op):
 
     def check_params(self) -> None:
         c = self.config
-        if c["tile_above"] and not 64 <= c["tile_overlap"] * 4 <= c["tile_size"]:
-            raise PipelineError("op 'features': tile_overlap must be between 16 px and a quarter of tile_size "
-                                f"(got overlap {c['tile_overlap']}, size {c['tile_size']})")
+        if c["tile_above"]:
+            check_tiling(self.name, c["tile_size"], c["tile_overlap"])
         if c["model"]:
             from daskmv.ops.torch_model import check_model
 
@@ -256,10 +270,16 @@ class Features(Op):
         return colmap_grey(image)
 
     def _downscale(self, gray: np.ndarray) -> np.ndarray:
-        """``gray`` with its longer side at ``max_image_size``: for pycolmap's SIFT, resized by pycolmap's own
-        Bitmap as its extractor resizes (its features then equal pycolmap's for large images too); with
-        OpenCV's area filter for the other extractors."""
+        """``gray`` with its longer side at ``max_image_size`` (each side rounded, as COLMAP rounds): for
+        pycolmap's SIFT, resized by pycolmap's own Bitmap as its extractor resizes (its features then equal
+        pycolmap's for large images too); with OpenCV's area filter for the other extractors."""
+        h, w = gray.shape[:2]
         size = self.config["max_image_size"]
+        factor = size / max(h, w)
+        new_w, new_h = round(w * factor), round(h * factor)  # Python's and C++'s rounding agree off the .5 ties
+        if min(new_w, new_h) < MIN_SIDE:
+            raise RowError(f"the image is {w}x{h}: at max_image_size {size} its short side would be "
+                           f"{min(new_w, new_h)} px, too thin for features (at least {MIN_SIDE})")
         if not self.config["model"] and self.config["backend"] == "pycolmap":
             import pycolmap
 
@@ -268,14 +288,14 @@ class Features(Op):
             return np.ascontiguousarray(np.asarray(bitmap.to_array()).reshape(bitmap.height, bitmap.width))
         import cv2
 
-        h, w = gray.shape[:2]
-        factor = size / max(h, w)
-        return cv2.resize(gray, (round(w * factor), round(h * factor)), interpolation=cv2.INTER_AREA)
+        return cv2.resize(gray, (new_w, new_h), interpolation=cv2.INTER_AREA)
 
     def _one(self, row: Row) -> Row:
         gray = self._grey(row["image"])
         h, w = gray.shape[:2]
         c = self.config
+        if min(h, w) < MIN_SIDE:
+            raise RowError(f"the image is {w}x{h}: too small for features (a side of at least {MIN_SIDE} px)")
         tiled = bool(c["tile_above"]) and max(h, w) > c["tile_above"]
         if not tiled and max(h, w) > c["max_image_size"]:
             gray = self._downscale(gray)

@@ -301,9 +301,10 @@ class Match(Op):
         if self.config["tile_above"] and not self.config["model"]:
             raise PipelineError("op 'match': tile_above is for learned matchers (model:); nearest-neighbour matching "
                                 "is bounded by block already")
-        if self.config["tile_above"] and not 0 <= 2 * self.config["tile_overlap"] < self.config["tile_size"]:
-            raise PipelineError("op 'match': tile_overlap must be less than half of tile_size "
-                                f"(got overlap {self.config['tile_overlap']}, size {self.config['tile_size']})")
+        if self.config["tile_above"]:
+            from daskmv.sfm.features import check_tiling
+
+            check_tiling(self.name, self.config["tile_size"], self.config["tile_overlap"])
         if self.config["block"] is not None and self.config["block"] < 1:
             raise PipelineError(f"op 'match': block must be a positive number of similarities, not {self.config['block']}")
         self.extractor: Any = None

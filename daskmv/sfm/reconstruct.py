@@ -77,20 +77,15 @@ class Reconstruct(Op):
         incremental = c["mapper"] == "incremental"
         options = pycolmap.IncrementalPipelineOptions() if incremental else pycolmap.GlobalPipelineOptions()
         extra = dict(c["mapper_options"])
-        owned = sorted(set(extra) & set(self.OWNED_OPTIONS))
-        if owned:
-            raise PipelineError(f"op 'reconstruct': set {owned[0]!r} with the parameter "
-                                f"{self.OWNED_OPTIONS[owned[0]]!r}, not in mapper_options")
         _check_option_names(options, extra, type(options).__name__)
         try:
             options.mergedict(extra)
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError, RuntimeError) as exc:
             raise PipelineError(f"op 'reconstruct': mapper_options {extra!r} do not fit "
                                 f"{type(options).__name__}: {exc}") from None
         options.num_threads = c["threads"]
         options.random_seed = c["seed"]
-        if incremental:
-            options.min_model_size = c["min_images"]
+        options.min_model_size = c["min_images"]
         return options
 
     def input_names(self) -> tuple[str, ...]:
@@ -228,18 +223,39 @@ class Reconstruct(Op):
 
 
 def _check_option_names(options: Any, given: dict[str, Any], where: str) -> None:
-    """Refuse names ``options`` (a pycolmap options object) does not have, listing the ones it has."""
+    """Refuse names ``options`` (a pycolmap options object) does not have (listing the ones it has), a value
+    where it has a group of options or the reverse, and the options other parameters set (at any depth: the
+    pipelines copy theirs into the inner mapper's)."""
     known = options.todict()
     for name, value in given.items():
+        path = f"{where}.{name}"
+        if name in Reconstruct.OWNED_OPTIONS:
+            raise PipelineError(f"op 'reconstruct': set {name!r} with the parameter "
+                                f"{Reconstruct.OWNED_OPTIONS[name]!r}, not in mapper_options ({path})")
         if name not in known:
             close = difflib.get_close_matches(name, list(known), n=3)
             hint = f" (did you mean {', '.join(close)}?)" if close else f"; it has {', '.join(sorted(known))}"
             raise PipelineError(f"op 'reconstruct': mapper_options: {where} has no option {name!r}{hint}")
-        if isinstance(value, dict):
-            inner = getattr(options, name)
-            if not hasattr(inner, "todict"):
-                raise PipelineError(f"op 'reconstruct': mapper_options: {where}.{name} is a value, not a group of options")
-            _check_option_names(inner, value, f"{where}.{name}")
+        group = hasattr(getattr(options, name), "todict")
+        if group != isinstance(value, dict):
+            what = "a group of options: give a dict of them" if group else "a value, not a group of options"
+            raise PipelineError(f"op 'reconstruct': mapper_options: {path} is {what}")
+        if group:
+            _check_option_names(getattr(options, name), value, path)
+        elif not _same_kind(known[name], value):
+            raise PipelineError(f"op 'reconstruct': mapper_options: {path} takes a {type(known[name]).__name__} "
+                                f"(default {known[name]!r}), not {value!r}")
+
+
+def _same_kind(default: Any, value: Any) -> bool:
+    """Whether ``value`` fits an option whose default is ``default`` (numbers, flags and text; other kinds
+    are left to pycolmap)."""
+    if isinstance(default, bool):
+        return isinstance(value, bool)
+    if isinstance(default, (int, float, str)):
+        kinds = {int: (int,), float: (int, float), str: (str,)}[type(default)]
+        return isinstance(value, kinds) and not isinstance(value, bool)
+    return True
 
 
 def scene_contents(row: Row, config: dict[str, Any]) -> tuple[dict[str, SceneImage], list[ScenePair]]:
