@@ -120,8 +120,9 @@ def tiled_matches(matcher: Any, kpts_a: np.ndarray, desc_a: np.ndarray, size_a: 
         return out
 
     found, weight = [], []
+    tiles_b = members(kpts_b, size_b)
     for index_a, local_a in members(kpts_a, size_a):
-        for index_b, local_b in members(kpts_b, size_b):
+        for index_b, local_b in tiles_b:
             m = matcher(local_a, desc_a[index_a], local_b, desc_b[index_b]).astype(np.int64)
             if len(m):
                 found.append(np.stack([index_a[m[:, 0]], index_b[m[:, 1]]], axis=1))

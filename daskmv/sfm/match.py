@@ -298,10 +298,10 @@ class Match(Op):
             self.config["model"], _ = check_model(self.name, self.config["model"], None)
         if not 0 < self.config["ratio"] <= 1:
             raise PipelineError(f"op 'match': ratio must be in (0, 1], not {self.config['ratio']}")
-        if self.config["tile_above"] and not self.config["model"]:
-            raise PipelineError("op 'match': tile_above is for learned matchers (model:); nearest-neighbour matching "
-                                "is bounded by block already")
         if self.config["tile_above"]:
+            if not self.config["model"]:
+                raise PipelineError("op 'match': tile_above is for learned matchers (model:); nearest-neighbour "
+                                    "matching is bounded by block already")
             from daskmv.sfm.features import check_tiling
 
             check_tiling(self.name, self.config["tile_size"], self.config["tile_overlap"])

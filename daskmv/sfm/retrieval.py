@@ -26,6 +26,8 @@ from daskmv.ops.base import Op, Output, Param, Row
 from daskmv.ops.registry import register_op
 
 VOCABULARY = os.path.join(os.path.dirname(__file__), "vocab_sift64.npy")
+#: Numbers kept of the VLAD by default (see the module's docstring for what fewer cost).
+DIM = 1024
 
 
 @functools.lru_cache(maxsize=4)
@@ -44,7 +46,7 @@ def _projection(n_in: int, n_out: int, seed: int = 0) -> np.ndarray:
     return gauss / np.float32(np.sqrt(n_out))
 
 
-def vlad(descriptors: np.ndarray, words: np.ndarray, dim: int | None = 1024) -> np.ndarray:
+def vlad(descriptors: np.ndarray, words: np.ndarray, dim: int | None = DIM) -> np.ndarray:
     """The VLAD vector of one image's descriptors (unit length; projected to ``dim`` when given)."""
     d = descriptors.astype(np.float32)
     d /= np.maximum(np.linalg.norm(d, axis=1, keepdims=True), 1e-12)
@@ -72,7 +74,7 @@ class GlobalDescriptor(Op):
     params = {
         "vocabulary": Param(None, "visual words [K, 128] (.npy); default: the words shipped with daskmv", path=True,
                             types=(str, type(None))),
-        "dim": Param(1024, "length of the stored vector (a fixed random projection of the VLAD; 0: all of it, "
+        "dim": Param(DIM, "length of the stored vector (a fixed random projection of the VLAD; 0: all of it, "
                      "words x 128)"),
         "model": Param(None, "a torch embedding model instead (TorchScript file or module:factory; RGB [1,3,S,S] "
                        "in [0,1] -> a vector)", path=True, types=(str, type(None))),
